@@ -1,0 +1,38 @@
+# Two commands for a fresh machine:  make run  (set-up + demo data + dvc repro)  and  make test.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DATASETS := imdb agedb fgnet adience utkface
+
+.PHONY: setup run demo-data test clean-outputs
+
+# Re-install only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "agecascade needs Python 3.11 (set PYTHON=...)"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[faces,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Demo datasets only when data/ holds none of the five: real data is never overwritten.
+demo-data: setup
+	@found=0; for d in $(DATASETS); do [ -e data/$$d ] && found=1; done; \
+	if [ $$found = 0 ]; then \
+	  echo "data/ holds no dataset: writing synthetic demo datasets"; \
+	  $(BIN)/agecascade demo-data --out data && $(BIN)/dvc add -q data; \
+	else echo "data/ already holds datasets: using them"; fi
+
+run: demo-data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	@echo "Results:"
+	@for d in prepared/*/; do echo "  $$d  (manifest.parquet, crops.npy, report.json)"; done
+	@echo "  drop counts:  $(BIN)/dvc metrics show"
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean-outputs:
+	rm -rf prepared

@@ -1,0 +1,1 @@
+"""agecascade: cascaded fine-tuning of CNNs for age estimation."""

@@ -1,0 +1,47 @@
+"""The `agecascade` command: one subcommand per job, expected errors as one line, not a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agecascade.data.manifest import DatasetLayoutError
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from agecascade.demo import write_demo_datasets
+
+    counts = write_demo_datasets(args.out, seed=args.seed)
+    for name, n in counts.items():
+        print(f"{name:<8} {n:>5} files -> {args.out / name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from agecascade.pipelines import prepare
+
+    parser = argparse.ArgumentParser(prog="agecascade", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prep = commands.add_parser("prepare", help="dataset root -> manifest, face crops, drop report")
+    prepare.add_arguments(prep)
+    prep.set_defaults(run=prepare.main)
+
+    demo = commands.add_parser("demo-data", help="write small synthetic datasets in native layouts")
+    demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (DatasetLayoutError, FileExistsError, ValueError) as err:
+        print(f"agecascade {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

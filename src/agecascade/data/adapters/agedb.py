@@ -1,0 +1,32 @@
+"""AgeDB: a flat folder of ``<id>_<Name>_<age>_<gender>.jpg``."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from ..manifest import DatasetLayoutError, list_files, make_row, require_dir, to_frame
+from ..report import DropReport
+
+EXPECTED = "ROOT/<id>_<Name>_<age>_<m|f>.jpg, e.g. 0_MariaCallas_35_f.jpg (or ROOT/AgeDB/...)"
+NAME = re.compile(r"^(\d+)_(.+)_(\d{1,3})_([mf])\.jpe?g$", re.IGNORECASE)
+
+
+def read_agedb(root: Path) -> tuple[pd.DataFrame, DropReport]:
+    root = require_dir(root, EXPECTED)
+    folder = root / "AgeDB" if (root / "AgeDB").is_dir() else root
+    report = DropReport("agedb", str(root))
+    rows = []
+    for file in list_files(folder):
+        report.input_rows += 1
+        rel = file.relative_to(root).as_posix()
+        match = NAME.match(file.name)
+        if match is None:
+            report.drop(rel, "malformed_name", "expected id_Name_age_gender.jpg")
+            continue
+        _id, name, age, gender = match.groups()
+        rows.append(make_row(rel, "agedb", age=float(age), subject=name, gender=gender.lower()))
+    if not rows:
+        raise DatasetLayoutError(root, EXPECTED + " — no file name matched")
+    return to_frame(rows), report

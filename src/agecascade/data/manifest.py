@@ -1,0 +1,68 @@
+"""The manifest table every adapter returns: one row per usable face.
+
+Adapters fill the label columns and, where the dataset ships one, the face box. The crop step
+fills the remaining columns (detected boxes, image size, content hash) for the rows it keeps.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+# Column -> pandas dtype. Nullable dtypes, because not every dataset has every label.
+COLUMNS: dict[str, str] = {
+    "path": "string",          # image path relative to the dataset root, POSIX separators
+    "dataset": "string",
+    "age": "Float64",          # years; missing for group-labelled datasets (Adience)
+    "age_group": "string",     # Adience 8-group label, e.g. "25-32"
+    "age_group3": "string",    # Adience child/teen/adult variant: "0-12", "15-20", "25-100"
+    "subject": "string",       # person id where the dataset has one (LOPO, leakage-free splits)
+    "fold": "Int64",           # dataset-defined CV fold (Adience)
+    "gender": "string",        # "f" / "m"
+    "x0": "Float64",           # face box in pixels of the EXIF-oriented image, half-open
+    "y0": "Float64",
+    "x1": "Float64",
+    "y1": "Float64",
+    "box_source": "string",    # metadata | landmarks | dlib | haar | image
+    "width": "Int64",          # EXIF-oriented image size
+    "height": "Int64",
+    "sha1": "string",          # content hash: byte-identical duplicates share it
+}
+
+NO_BOX = (math.nan, math.nan, math.nan, math.nan)
+
+
+class DatasetLayoutError(Exception):
+    """The root is missing or does not look like the dataset: a user error, not a crash."""
+
+    def __init__(self, root: Path, expected: str):
+        super().__init__(f"{root}: not a valid dataset root. Expected layout: {expected}")
+
+
+def make_row(path: str, dataset: str, *, age: float | None = None, age_group: str | None = None,
+             age_group3: str | None = None, subject: str | None = None, fold: int | None = None,
+             gender: str | None = None, box: tuple[float, float, float, float] = NO_BOX,
+             box_source: str | None = None) -> dict:
+    x0, y0, x1, y1 = box
+    return {"path": path, "dataset": dataset, "age": age, "age_group": age_group,
+            "age_group3": age_group3, "subject": subject, "fold": fold, "gender": gender,
+            "x0": x0, "y0": y0, "x1": x1, "y1": y1, "box_source": box_source,
+            "width": None, "height": None, "sha1": None}
+
+
+def to_frame(rows: list[dict]) -> pd.DataFrame:
+    """Build a manifest with the canonical columns and dtypes, even when empty."""
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    return frame.astype(COLUMNS)
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Regular files in a folder, sorted, so row order (and the crop store) is reproducible."""
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def require_dir(root: Path, expected: str) -> Path:
+    if not root.is_dir():
+        raise DatasetLayoutError(root, expected)
+    return root

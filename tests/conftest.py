@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import os
+import zlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AGECASCADE_SHARED", REPO.parent / "shared"))
+
+
+def shared_dataset(name: str) -> Path:
+    """A real dataset from ../shared, or a clean skip on machines that do not have it."""
+    path = SHARED / "datasets" / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (real-data check runs only beside ../shared)")
+    return path
+
+
+def write_image(path: Path, size: tuple[int, int] = (96, 96), mode: str = "RGB",
+                fmt: str = "JPEG", seed: int = 0, **save) -> Path:
+    """A small noisy image; content does not matter, decodability does."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt, **save)
+    return path
+
+
+def png_bomb(path: Path, side: int = 40_000) -> Path:
+    """A tiny PNG that declares side x side pixels: Pillow must refuse it before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    body = zlib.compress(b"\0" * (side + 1) * 4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def truncated_jpeg(path: Path) -> Path:
+    write_image(path, (128, 128))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture
+def broken_images(tmp_path: Path) -> dict[str, Path]:
+    """Every kind of bad input from the issue, as UTKFace-named files, plus two good ones."""
+    root = tmp_path / "utk"
+    files = {
+        "good": write_image(root / "30_0_1_20170101000000001.jpg.chip.jpg", seed=1),
+        "good_grey": write_image(root / "70_1_0_20170101000000002.jpg.chip.jpg", mode="L", seed=2),
+        "truncated": truncated_jpeg(root / "25_0_0_20170101000000003.jpg.chip.jpg"),
+        "empty": root / "26_1_0_20170101000000004.jpg.chip.jpg",
+        "png_as_jpg": write_image(root / "27_0_2_20170101000000005.jpg.chip.jpg", fmt="PNG"),
+        "text": root / "notes.txt",
+        "text_named_jpg": root / "28_1_3_20170101000000006.jpg.chip.jpg",
+        "bomb": png_bomb(root / "29_0_4_20170101000000007.jpg.chip.jpg"),
+        "corrupt": root / "31_0_4_20170101000000008.jpg.chip.jpg",
+    }
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("these are my notes\n")
+    files["text_named_jpg"].write_text("not really a picture\n")
+    files["corrupt"].write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(3).integers(0, 255, 2000, dtype=np.uint8)))
+    return files

@@ -1,0 +1,96 @@
+"""Decoding of every image kind real datasets contain, and the reason for each refusal."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agecascade.data.imaging import BadImage, decode, orient_box, to_rgb
+from conftest import png_bomb, truncated_jpeg, write_image
+
+
+def encode(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def test_greyscale_becomes_three_equal_channels():
+    grey = Image.fromarray(np.full((10, 12), 77, np.uint8), "L")
+    out = decode(encode(grey, "JPEG", quality=100), "x.jpg").image
+    assert out.mode == "RGB" and out.size == (12, 10)
+    pixels = np.asarray(out).astype(int)
+    assert np.ptp(pixels, axis=2).max() == 0 and abs(pixels.mean() - 77) < 2
+
+
+def test_cmyk_jpeg_converts_to_rgb():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    out = np.asarray(decode(encode(cmyk, "JPEG", quality=100), "x.jpg").image).astype(int)
+    r, g, b = out.reshape(-1, 3).mean(axis=0)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_alpha_is_composited_on_grey_not_black():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    out = np.asarray(decode(encode(rgba, "PNG"), "x.png").image)
+    assert (out == 128).all()
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    values = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    image = Image.fromarray(values)  # mode I;16
+    decoded = decode(encode(image, "PNG"), "x.png")
+    assert np.asarray(decoded.image)[0, :, 0].tolist() == [0, 128, 255]
+    assert [reason for reason, _ in decoded.notes] == ["high_bit_depth"]
+
+
+def test_int32_mode_with_16_bit_values_is_scaled():
+    image = Image.fromarray(np.array([[65535, 0]], dtype=np.int32), "I")
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [255, 0]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_and_box_follow_each_other(orientation):
+    """A red box drawn on the stored pixels must land where orient_box says after decoding."""
+    stored = np.zeros((60, 100, 3), np.uint8)
+    box = (10, 5, 40, 25)  # x0, y0, x1, y1 in stored pixels
+    stored[box[1]:box[3], box[0]:box[2]] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(stored), "PNG", exif=exif)
+    decoded = decode(data, "x.png")
+    assert decoded.orientation == orientation
+    upright = np.asarray(decoded.image)
+    ys, xs = np.nonzero(upright[..., 0] > 128)
+    assert orient_box(box, orientation, decoded.raw_size) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    if orientation in (5, 6, 7, 8):
+        assert decoded.image.size == (60, 100)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: truncated_jpeg(p).read_bytes(), "truncated_image"),
+    (lambda p: b"", "empty_file"),
+    (lambda p: b"just some text, not a picture\n", "not_an_image"),
+    (lambda p: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt_image"),
+    (lambda p: png_bomb(p).read_bytes(), "decompression_bomb"),
+])
+def test_bad_inputs_raise_a_named_reason(tmp_path, make, reason):
+    with pytest.raises(BadImage) as caught:
+        decode(make(tmp_path / "f.jpg"), "f.jpg")
+    assert caught.value.reason == reason
+
+
+def test_png_named_jpg_is_kept_and_flagged(tmp_path):
+    data = write_image(tmp_path / "a.JPG", fmt="PNG").read_bytes()
+    decoded = decode(data, "a.JPG")
+    assert decoded.image.size == (96, 96)
+    assert [reason for reason, _ in decoded.notes] == ["extension_mismatch"]
+
+
+def test_bomb_limit_is_a_parameter():
+    image = Image.new("RGB", (100, 100))
+    with pytest.raises(BadImage, match="decompression_bomb"):
+        decode(encode(image, "PNG"), "x.png", max_pixels=5_000)
+    assert decode(encode(image, "PNG"), "x.png", max_pixels=10_000).image.size == (100, 100)
