@@ -21,7 +21,7 @@ demo-data: setup
 	@found=0; for d in $(DATASETS); do [ -e data/$$d ] && found=1; done; \
 	if [ $$found = 0 ]; then \
 	  echo "data/ holds no dataset: writing synthetic demo datasets"; \
-	  $(BIN)/agecascade demo-data --out data && $(BIN)/dvc add -q data; \
+	  $(BIN)/agecascade demo-data --out data; \
 	else echo "data/ already holds datasets: using them"; fi
 
 run: demo-data

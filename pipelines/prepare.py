@@ -70,11 +70,12 @@ def prepare(dataset: str, root: Path, out: Path, settings: CropSettings,
     store_path = out / CROPS
     store = create_store(store_path, len(manifest), settings.size)
     jobs = _jobs(manifest, root)
-    kept, first_seen = [], {}
+    kept, filled, first_seen = [], [], {}
+    paths = manifest["path"].tolist()
     progress = tqdm(_results(jobs, settings, workers), total=len(jobs), unit="img",
                     desc=f"prepare {dataset}", disable=None, mininterval=1.0)
     for index, result in enumerate(progress):
-        rel = manifest.at[index, "path"]
+        rel = paths[index]
         if result.reason:
             report.drop(rel, result.reason, result.detail)
             continue
@@ -84,16 +85,16 @@ def prepare(dataset: str, root: Path, out: Path, settings: CropSettings,
             report.warn(rel, "duplicate_content", f"same bytes as {first_seen[result.sha1]}")
         first_seen.setdefault(result.sha1, rel)
         store[len(kept)] = result.crop
-        manifest.loc[index, ["x0", "y0", "x1", "y1"]] = result.box
-        manifest.loc[index, ["box_source", "width", "height", "sha1"]] = (
-            result.box_source, result.width, result.height, result.sha1)
         kept.append(index)
+        filled.append((*result.box, result.box_source, result.width, result.height, result.sha1))
     store.flush()
     del store
     if len(kept) < len(jobs):
         shrink_store(store_path, len(kept))
 
     final = manifest.loc[kept].reset_index(drop=True)
+    columns = ["x0", "y0", "x1", "y1", "box_source", "width", "height", "sha1"]
+    final[columns] = pd.DataFrame(filled, columns=columns).astype(final[columns].dtypes.to_dict())
     final.to_parquet(out / MANIFEST, index=False)
     report.kept = len(final)
     report.check_balance()

@@ -101,3 +101,13 @@ def test_detector_or_fallback_is_reported_for_boxless_rows(tmp_path):
     assert set(report["warnings"]) <= {"no_face_found", "no_detector"} and report["warnings"]
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert manifest.loc[0, ["x0", "y0", "x1", "y1"]].tolist() == [0, 0, 120, 120]
+
+
+def test_every_image_broken_still_completes_with_an_empty_store(tmp_path, capsys):
+    root = tmp_path / "utk"
+    root.mkdir()
+    (root / "20_0_0_20170101000000000.jpg.chip.jpg").write_bytes(b"")
+    assert run_prepare("utkface", root, tmp_path / "out", "--workers", "1") == 0
+    manifest, crops = load_prepared(tmp_path / "out")
+    assert len(manifest) == 0 and crops.shape == (0, 32, 32, 3)
+    assert "no usable face" in capsys.readouterr().err
