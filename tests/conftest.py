@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import os
-import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from agecascade.demo.writers import png_bomb as demo_png_bomb
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AGECASCADE_SHARED", REPO.parent / "shared"))
@@ -34,15 +34,10 @@ def write_image(path: Path, size: tuple[int, int] = (96, 96), mode: str = "RGB",
     return path
 
 
-def png_bomb(path: Path, side: int = 40_000) -> Path:
-    """A tiny PNG that declares side x side pixels: Pillow must refuse it before decoding."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    body = zlib.compress(b"\0" * (side + 1) * 4)
+def png_bomb(path: Path) -> Path:
+    """A tiny PNG that declares 30000 x 30000 pixels: Pillow must refuse it before decoding."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
-                     + chunk(b"IEND", b""))
+    path.write_bytes(demo_png_bomb())
     return path
 
 
