@@ -111,3 +111,12 @@ def test_every_image_broken_still_completes_with_an_empty_store(tmp_path, capsys
     manifest, crops = load_prepared(tmp_path / "out")
     assert len(manifest) == 0 and crops.shape == (0, 32, 32, 3)
     assert "no usable face" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_one_error_line(tmp_path, capsys):
+    root = tmp_path / "agedb"
+    write_image(root / "0_Ann_20_f.jpg")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    assert run_prepare("agedb", root, blocker / "out") == 2
+    assert "error:" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DatasetLayoutError, FileExistsError, ValueError) as err:
+    except (DatasetLayoutError, ValueError, OSError) as err:  # user errors: bad paths, values
         print(f"agecascade {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,9 +6,13 @@ fills the remaining columns (detected boxes, image size, content hash) for the r
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
+
+from .report import DropReport
 
 # Column -> pandas dtype. Nullable dtypes, because not every dataset has every label.
 COLUMNS: dict[str, str] = {
@@ -66,3 +70,18 @@ def require_dir(root: Path, expected: str) -> Path:
     if not root.is_dir():
         raise DatasetLayoutError(root, expected)
     return root
+
+
+def rows_from_names(files: list[Path], root: Path, report: DropReport, pattern: re.Pattern,
+                    hint: str, to_row: Callable[[str, re.Match], dict]) -> list[dict]:
+    """Rows for datasets whose labels live in file names; other names are dropped, with ``hint``."""
+    rows = []
+    for file in files:
+        report.input_rows += 1
+        rel = file.relative_to(root).as_posix()
+        match = pattern.match(file.name)
+        if match is None:
+            report.drop(rel, "malformed_name", f"expected {hint}")
+            continue
+        rows.append(to_row(rel, match))
+    return rows

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..manifest import DatasetLayoutError, list_files, make_row, require_dir, to_frame
+from ..manifest import (DatasetLayoutError, list_files, make_row, require_dir, rows_from_names,
+                        to_frame)
 from ..report import DropReport
 
 EXPECTED = "ROOT/images/NNNAxx[a|b].JPG and optionally ROOT/points/nnnaxx[a|b].pts (or ROOT/FGNET/...)"
@@ -42,24 +43,20 @@ def read_fgnet(root: Path) -> tuple[pd.DataFrame, DropReport]:
     points_dir = _child(base, "points")
     points = {p.stem.lower(): p for p in list_files(points_dir)} if points_dir else {}
     report = DropReport("fgnet", str(root))
-    rows = []
-    for file in list_files(images):
-        report.input_rows += 1
-        rel = file.relative_to(root).as_posix()
-        match = NAME.match(file.name)
-        if match is None:
-            report.drop(rel, "malformed_name", "expected NNNAxx[a|b].JPG")
-            continue
+
+    def to_row(rel: str, match: re.Match) -> dict:
         subject, age, _variant = match.groups()
         box, source = (np.nan,) * 4, None
-        pts = points.get(file.stem.lower())
+        pts = points.get(Path(rel).stem.lower())
         if pts is not None:
             try:
                 xy = read_pts(pts)
                 box, source = (*xy.min(axis=0), *xy.max(axis=0)), "landmarks"
             except (ValueError, OSError) as err:
                 report.warn(rel, "landmarks_unreadable", f"{pts.name}: {err}")
-        rows.append(make_row(rel, "fgnet", age=float(age), subject=subject, box=box, box_source=source))
+        return make_row(rel, "fgnet", age=float(age), subject=subject, box=box, box_source=source)
+
+    rows = rows_from_names(list_files(images), root, report, NAME, "NNNAxx[a|b].JPG", to_row)
     if not rows:
         raise DatasetLayoutError(root, EXPECTED + " — no file name matched")
     return to_frame(rows), report

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..manifest import DatasetLayoutError, list_files, make_row, require_dir, to_frame
+from ..manifest import (DatasetLayoutError, list_files, make_row, require_dir, rows_from_names,
+                        to_frame)
 from ..report import DropReport
 
 EXPECTED = "ROOT/<age>_<gender 0|1>_<race 0-4>_<datetime>.jpg.chip.jpg (or ROOT/UTKFace/...)"
@@ -18,16 +19,13 @@ def read_utkface(root: Path) -> tuple[pd.DataFrame, DropReport]:
     root = require_dir(root, EXPECTED)
     folder = root / "UTKFace" if (root / "UTKFace").is_dir() else root
     report = DropReport("utkface", str(root))
-    rows = []
-    for file in list_files(folder):
-        report.input_rows += 1
-        rel = file.relative_to(root).as_posix()
-        match = NAME.match(file.name)
-        if match is None:
-            report.drop(rel, "malformed_name", "expected age_gender_race_datetime.jpg.chip.jpg")
-            continue
+
+    def to_row(rel: str, match: re.Match) -> dict:
         age, gender, _race, _when = match.groups()
-        rows.append(make_row(rel, "utkface", age=float(age), gender=GENDER[gender]))
+        return make_row(rel, "utkface", age=float(age), gender=GENDER[gender])
+
+    rows = rows_from_names(list_files(folder), root, report, NAME,
+                           "age_gender_race_datetime.jpg.chip.jpg", to_row)
     if not rows:
         raise DatasetLayoutError(root, EXPECTED + " — no file name matched")
     return to_frame(rows), report
