@@ -18,7 +18,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agecascade.pipelines import prepare
+    from agecascade.pipelines import evaluate, prepare, train, tune
 
     parser = argparse.ArgumentParser(prog="agecascade", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep = commands.add_parser("prepare", help="dataset root -> manifest, face crops, drop report")
     prepare.add_arguments(prep)
     prep.set_defaults(run=prepare.main)
+
+    for name, module, text in (
+            ("train", train, "fine-tune one backbone on one prepared dataset"),
+            ("tune", tune, "lr x batch grid (Optuna), one epoch per point"),
+            ("evaluate", evaluate, "MAE of a model file on a prepared manifest")):
+        sub = commands.add_parser(name, help=text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.main)
 
     demo = commands.add_parser("demo-data", help="write small synthetic datasets in native layouts")
     demo.add_argument("--out", type=Path, required=True)

@@ -1,0 +1,54 @@
+"""`agecascade evaluate`: the DEX mean absolute error of a model file on any prepared manifest."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agecascade.data.store import load_prepared
+from agecascade.nets import create_model
+from agecascade.train.data import LabelSpace, assign_split, make_loader
+from agecascade.train.engine import pick_device, predict
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model.pt of `agecascade train`")
+    parser.add_argument("--manifest", type=Path, required=True, help="a `prepare` output folder")
+    parser.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                        help="rows of the model's own train/val/test split (same manifest)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+
+
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    meta = state["meta"]
+    model = create_model(meta["backbone"], len(meta["ages"]), "none")
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), meta
+
+
+def main(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    model, meta = load_model(args.model, device)
+    manifest, crops = load_prepared(args.manifest)
+    ages = manifest["age"].to_numpy(dtype=float)
+    if np.isnan(ages).any():
+        raise ValueError(f"{args.manifest}: rows without an age cannot be scored by MAE")
+    rows = np.arange(len(manifest))
+    if args.split != "all":
+        split = assign_split(manifest, meta["val_fraction"], meta["test_fraction"], meta["seed"])
+        rows = np.flatnonzero(split == args.split)
+    if len(rows) == 0:
+        raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
+    space = LabelSpace(tuple(meta["ages"]))
+    loader = make_loader(crops, space.encode(ages), rows, args.batch, False, 0, 0, False)
+    _, _, predicted = predict(model, loader, device, meta["input_size"], space.tensor(device))
+    errors = np.abs(predicted.numpy() - ages[rows])
+    result = {"n": int(len(rows)), "mae": float(errors.mean()),
+              "median_ae": float(np.median(errors)), "split": args.split}
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,92 @@
+"""MLflow as a thin layer around training: the trainer only ever sees an ``on_epoch`` callback.
+
+Backend: ``sqlite:///mlflow.db`` (MLflow 3 refuses a bare ./mlruns file store) with artifacts in
+``mlruns/``. Open the UI with
+``mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+ARTIFACTS = Path("mlruns")
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def git_commit() -> str:
+    """HEAD's hash, with '-dirty' when the working tree differs: a run must name its code."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def experiment_id(name: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    ARTIFACTS.mkdir(exist_ok=True)
+    return mlflow.create_experiment(name, artifact_location=ARTIFACTS.resolve().as_uri())
+
+
+@contextmanager
+def tracked_run(experiment: str, run_name: str, out: Path, tags: dict[str, str],
+                params: dict, nested: bool = False) -> Iterator[object]:
+    """Start (or, when ``out`` holds a run id from an interrupted attempt, resume) a run."""
+    import mlflow
+
+    exp = experiment_id(experiment)
+    run_id_path = out / RUN_ID_FILE
+    resume = run_id_path.read_text().strip() if run_id_path.exists() and not nested else None
+    with mlflow.start_run(run_id=resume, experiment_id=None if resume else exp,
+                          run_name=None if resume else run_name, nested=nested) as run:
+        if not nested:
+            out.mkdir(parents=True, exist_ok=True)
+            run_id_path.write_text(run.info.run_id)
+        mlflow.set_tags({**tags, "git_commit": git_commit()})
+        if not resume:
+            mlflow.log_params(params)
+        yield run
+    if not nested:
+        run_id_path.unlink(missing_ok=True)
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_final(summary: dict[str, float], out: Path, model) -> None:
+    """Final scores, the files DVC also tracks, and the model itself."""
+    import mlflow
+
+    mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items()})
+    for name in ("metrics.json", "history.csv"):
+        mlflow.log_artifact(str(out / name))
+    log_model(model)
+
+
+def log_model(model, name: str = "model") -> None:
+    """The final model with explicit requirements; the agecascade code travels with it
+    (``code_paths``) because the pickled module classes live there."""
+    import mlflow
+    import numpy
+    import torch
+    import torchvision
+
+    import agecascade
+
+    mlflow.pytorch.log_model(
+        model.cpu(), name=name, code_paths=[str(Path(agecascade.__file__).parent)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"torchvision=={torchvision.__version__.split('+')[0]}",
+                          f"numpy=={numpy.__version__}"])

@@ -1,0 +1,130 @@
+"""Training on a tiny prepared dataset on the CPU: learning, resume after kill -9, grid, tracking."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agecascade.cli import main
+from agecascade.data.manifest import make_row, to_frame
+from agecascade.data.store import CROPS, MANIFEST, create_store
+from agecascade.train.data import LabelSpace, assign_split
+
+SIZE = 32
+
+
+def write_prepared(folder: Path, n: int = 400, seed: int = 0) -> Path:
+    """A prepared dataset whose images encode age as brightness: learnable in an epoch or two."""
+    rng = np.random.default_rng(seed)
+    ages = rng.integers(0, 60, n)
+    folder.mkdir(parents=True)
+    store = create_store(folder / CROPS, n, SIZE)
+    for i, age in enumerate(ages):
+        level = 40 + 3 * age
+        store[i] = np.clip(rng.normal(level, 12, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    store.flush()
+    rows = [make_row(f"img{i}.jpg", "toy", age=float(a), subject=f"s{i // 2}") for i, a in enumerate(ages)]
+    frame = to_frame(rows)
+    frame["sha1"] = [f"{i:040x}" for i in range(n)]
+    frame.to_parquet(folder / MANIFEST, index=False)
+    return folder
+
+
+def train_args(manifest: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--manifest", str(manifest), "--backbone", "resnet18", "--input-size", str(SIZE),
+            "--batch", "32", "--lr", "0.001", "--device", "cpu", "--no-track", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("toy") / "prepared")
+
+
+def test_split_is_by_subject_and_stable(toy):
+    import pandas as pd
+
+    manifest = pd.read_parquet(toy / MANIFEST)
+    split = assign_split(manifest, 0.2, 0.1, seed=0)
+    assert (split == assign_split(manifest.iloc[::-1], 0.2, 0.1, 0)[::-1]).all()  # order-free
+    by_subject = pd.Series(split).groupby(manifest["subject"].to_numpy()).nunique()
+    assert (by_subject == 1).all()  # a person never straddles two parts
+    share = {p: (split == p).mean() for p in ("train", "val", "test")}
+    assert 0.6 < share["train"] < 0.8 and 0.1 < share["val"] < 0.3 and 0.03 < share["test"] < 0.2
+
+
+def test_label_space_covers_the_data_range():
+    import pandas as pd
+
+    space = LabelSpace.from_ages(pd.Series([3.0, 7.0, 5.0]))
+    assert space.values == (3.0, 4.0, 5.0, 6.0, 7.0)
+    assert space.encode(np.array([3.0, 7.0, 9.0])).tolist() == [0, 4, 4]
+
+
+def test_training_learns_and_writes_its_outputs(toy, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(toy, out, "--epochs", "3", "--test-fraction", "0.1")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_mae"] < 0.6 * metrics["val_mae_median_baseline"]
+    assert "test_mae" in metrics and metrics["n_test"] > 0
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss") and len(history) == 4
+    assert not (out / "last.pt").exists()  # a finished run leaves no resume point
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert state["meta"]["backbone"] == "resnet18" and len(state["meta"]["ages"]) == 60
+
+
+def test_evaluate_scores_a_model_file(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(toy, out, "--epochs", "1", "--test-fraction", "0.1")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--manifest", str(toy),
+                 "--split", "test", "--device", "cpu"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert scored["n"] == metrics["n_test"] and abs(scored["mae"] - metrics["test_mae"]) < 1e-4
+
+
+def test_kill_9_then_rerun_ends_exactly_like_an_uninterrupted_run(toy, tmp_path):
+    epochs = ["--epochs", "4"]
+    assert main(train_args(toy, tmp_path / "straight", *epochs)) == 0
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "agecascade.cli", *train_args(toy, killed, *epochs)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = torch.load(killed / "last.pt", weights_only=True)["epoch"] + 1
+    assert resumed_from < 4 and not (killed / "metrics.json").exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    again = json.loads((killed / "metrics.json").read_text())
+    assert again == straight
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
+    b = torch.load(killed / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grid_runs_every_point_once_and_feeds_the_stage(toy, tmp_path):
+    out = tmp_path / "tune"
+    assert main(["tune", *train_args(toy, out, "--max-train-batches", "2")[1:],
+                 "--lrs", "0.01", "0.001", "--batches", "16", "32"]) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["lr"] in (0.01, 0.001) and best["batch"] in (16, 32)
+    import optuna
+
+    study = optuna.load_study(study_name="resnet18-prepared", storage=f"sqlite:///{out / 'optuna.db'}")
+    points = {(t.params["lr"], t.params["batch"]) for t in study.trials}
+    assert len(study.trials) == 4 and len(points) == 4
+    assert best["val_loss"] == min(t.value for t in study.trials)
+    run = tmp_path / "run"
+    assert main(train_args(toy, run, "--hparams", str(out / "best.json"))) == 0
