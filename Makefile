@@ -29,7 +29,9 @@ run: demo-data
 	@echo
 	@echo "Results:"
 	@for d in prepared/*/; do echo "  $$d  (manifest.parquet, crops.npy, report.json)"; done
-	@echo "  drop counts:  $(BIN)/dvc metrics show"
+	@echo "  checkpoints:  models/<backbone>/{tune,imdb,agedb}/  (model.pt, metrics.json, history.csv)"
+	@echo "  metrics:      $(BIN)/dvc metrics show        curves: $(BIN)/dvc plots show"
+	@echo "  MLflow UI:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
 
 test: setup
 	$(BIN)/python -m pytest

@@ -10,6 +10,7 @@ import torch
 
 from agecascade.data.store import load_prepared
 from agecascade.nets import create_model
+from agecascade.nets.weights import InputSpec
 from agecascade.train.data import LabelSpace, assign_split, make_loader
 from agecascade.train.engine import pick_device, predict
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     meta = state["meta"]
-    model = create_model(meta["backbone"], len(meta["ages"]), "none")
+    model = create_model(meta["arch"], len(meta["ages"]))  # arch: e.g. resnet50-torchvision
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta
 
@@ -46,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
     space = LabelSpace(tuple(meta["ages"]))
     loader = make_loader(crops, space.encode(ages), rows, args.batch, False, 0, 0, False)
-    _, _, predicted = predict(model, loader, device, meta["input_size"], space.tensor(device))
+    _, _, predicted = predict(model, loader, device, meta["input_size"], space.tensor(device),
+                              InputSpec(**meta["input_spec"]))
     errors = np.abs(predicted.numpy() - ages[rows])
     result = {"n": int(len(rows)), "mae": float(errors.mean()),
               "median_ae": float(np.median(errors)), "split": args.split}

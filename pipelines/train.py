@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from agecascade.data.store import load_prepared
-from agecascade.nets import BACKBONES, create_model, freeze_features
-from agecascade.train.data import LabelSpace, assign_split, make_loader
+from agecascade.nets import BACKBONES, AgeNet, create_model, freeze_features
+from agecascade.nets.weights import InputSpec
+from agecascade.train.data import IMAGENET, LabelSpace, assign_split, make_loader
 from agecascade.train.engine import TrainConfig, fit, pick_device
 
 MODES = {"a": "frozen backbone, classifier layers trained",
@@ -59,12 +61,15 @@ def label_space_for(manifest) -> LabelSpace:
     return LabelSpace.from_ages(ages)
 
 
-def load_init(model: torch.nn.Module, path: Path) -> list[str]:
-    """Copy a previous stage's weights; layers whose shape changed (the output layer when the
-    label range differs) keep their fresh He initialisation. Returns those layers' keys."""
+def load_init(model: AgeNet, path: Path, same_labels: bool) -> list[str]:
+    """Copy a previous stage's weights. The output layer starts afresh (He init) unless the
+    label space is the same: class k of another dataset may stand for another age.
+    Returns the keys that were not copied."""
     state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     own = model.state_dict()
-    fresh = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    output = {f"head.{len(model.head) - 1}.{p}" for p, _ in model.output_layer.named_parameters()}
+    fresh = [k for k in own if k not in state or state[k].shape != own[k].shape
+             or (k in output and not same_labels)]
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in fresh},
                           strict=False)
     return fresh
@@ -91,18 +96,23 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
                          f"{len(rows['val'])} validation images; use more data")
 
     torch.manual_seed(args.seed)  # fresh layers (the output layer at least) start the same every run
-    model = create_model(args.backbone, space.size, args.pretrained,
-                         Path(args.weights) if args.weights else None)
-    if args.init:
-        fresh = load_init(model, args.init)
+    if args.init:  # the previous stage fixes the architecture and the pixel convention
+        init_meta = torch.load(args.init, map_location="cpu", weights_only=True)["meta"]
+        model = create_model(init_meta["arch"], space.size)
+        spec = InputSpec(**init_meta["input_spec"])
+        fresh = load_init(model, args.init, init_meta["ages"] == list(space.values))
         print(f"initialised from {args.init}; re-initialised: {', '.join(fresh) or 'nothing'}")
+    else:
+        model = create_model(args.backbone, space.size, args.pretrained,
+                             Path(args.weights) if args.weights else None)
+        spec = model.load_report.input_spec if model.load_report else IMAGENET
     if args.mode == "a":
         freeze_features(model)
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda"
                      else torch.contiguous_format)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch,
                          patience=args.patience, input_size=args.input_size, seed=args.seed,
-                         max_train_batches=args.max_train_batches)
+                         max_train_batches=args.max_train_batches, input_spec=spec)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     pin = device.type == "cuda"
     train_loader = make_loader(crops, labels, rows["train"], args.batch, True, args.seed,
@@ -110,7 +120,8 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
     val_loader = make_loader(crops, labels, rows["val"], max(args.batch, 64), False, args.seed,
                              args.workers, pin)
     ages = space.tensor(device)
-    meta = {"backbone": args.backbone, "pretrained": args.pretrained, "mode": args.mode,
+    meta = {"backbone": args.backbone, "arch": model.arch, "input_spec": asdict(spec),
+            "pretrained": args.pretrained, "mode": args.mode,
             "dataset": str(manifest["dataset"].iloc[0]), "ages": list(space.values),
             "input_size": args.input_size, "init": str(args.init or ""), "seed": args.seed,
             "val_fraction": args.val_fraction, "test_fraction": args.test_fraction}
@@ -132,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
                   if k not in ("run", "command", "no_track")}
         with tracking.tracked_run(args.stage, f"{args.backbone}-{dataset}", args.out, tags, params):
             summary, model = run(args, tracking.log_epoch)
-            tracking.log_final(summary, args.out, model)
+            tracking.log_final(summary, args.out, model, args.input_size)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -150,7 +161,8 @@ def finish(args, model, history, crops, labels, rows, ages, device, space) -> di
     for part in ("val", "test"):
         if len(rows[part]):
             loader = make_loader(crops, labels, rows[part], 64, False, 0, 0, False)
-            scores = evaluate(model, loader, device, args.input_size, ages)
+            scores = evaluate(model, loader, device, args.input_size, ages,
+                              InputSpec(**best["meta"]["input_spec"]))
             summary |= {f"{part}_loss": scores["val_loss"], f"{part}_mae": scores["val_mae"]}
             summary[f"n_{part}"] = int(len(rows[part]))
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

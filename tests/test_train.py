@@ -128,3 +128,57 @@ def test_grid_runs_every_point_once_and_feeds_the_stage(toy, tmp_path):
     assert best["val_loss"] == min(t.value for t in study.trials)
     run = tmp_path / "run"
     assert main(train_args(toy, run, "--hparams", str(out / "best.json"))) == 0
+
+
+def test_cascade_stage_inherits_arch_and_reinitialises_a_changed_output_layer(toy, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(train_args(toy, first, "--epochs", "1")) == 0
+    older = write_prepared(tmp_path / "older", n=200, seed=1)
+    import pandas as pd
+
+    manifest = pd.read_parquet(older / MANIFEST)
+    manifest["age"] = manifest["age"] + 10  # another label range: 10..69
+    manifest.to_parquet(older / MANIFEST, index=False)
+    second = tmp_path / "second"
+    capsys.readouterr()
+    assert main(train_args(older, second, "--epochs", "1", "--init", str(first / "model.pt"),
+                           "--mode", "c")) == 0
+    assert "re-initialised: head.0.weight, head.0.bias" in capsys.readouterr().out
+    before = torch.load(first / "model.pt", weights_only=True)
+    after = torch.load(second / "model.pt", weights_only=True)
+    assert after["meta"]["arch"] == before["meta"]["arch"] == "resnet18"
+    assert after["meta"]["ages"][0] == 10.0 and after["model"]["head.0.weight"].shape[0] == 60
+
+
+def test_mode_a_trains_only_the_head(toy, tmp_path):
+    out = tmp_path / "a"
+    assert main(train_args(toy, out, "--epochs", "1", "--mode", "a")) == 0
+    torch.manual_seed(0)
+    from agecascade.nets import create_model
+
+    untouched = create_model("resnet18", 60).state_dict()
+    trained = torch.load(out / "model.pt", weights_only=True)["model"]
+    changed = {k for k in trained if not torch.equal(trained[k], untouched[k])}
+    assert changed == {"head.0.weight", "head.0.bias"}
+
+
+def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = [a for a in train_args(toy, tmp_path / "run", "--epochs", "2") if a != "--no-track"]
+    assert main([*args, "--stage", "finetune_toy"]) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["finetune_toy"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert {k: run.data.tags[k] for k in ("backbone", "stage", "mode", "dataset")} == {
+        "backbone": "resnet18", "stage": "finetune_toy", "mode": "b", "dataset": "toy"}
+    assert run.data.tags["git_commit"]
+    client = mlflow.MlflowClient()
+    for key in ("train_loss", "val_loss", "val_mae", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 60)

@@ -65,19 +65,19 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
-def log_final(summary: dict[str, float], out: Path, model) -> None:
+def log_final(summary: dict[str, float], out: Path, model, input_size: int) -> None:
     """Final scores, the files DVC also tracks, and the model itself."""
     import mlflow
 
     mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items()})
     for name in ("metrics.json", "history.csv"):
         mlflow.log_artifact(str(out / name))
-    log_model(model)
+    log_model(model, input_size)
 
 
-def log_model(model, name: str = "model") -> None:
-    """The final model with explicit requirements; the agecascade code travels with it
-    (``code_paths``) because the pickled module classes live there."""
+def log_model(model, input_size: int, name: str = "model") -> None:
+    """The final model with explicit requirements. It is pickled (MLflow 3 defaults to a pt2
+    export), so the agecascade code travels with it (``code_paths``)."""
     import mlflow
     import numpy
     import torch
@@ -85,8 +85,10 @@ def log_model(model, name: str = "model") -> None:
 
     import agecascade
 
+    example = numpy.zeros((1, 3, input_size, input_size), dtype=numpy.float32)
     mlflow.pytorch.log_model(
-        model.cpu(), name=name, code_paths=[str(Path(agecascade.__file__).parent)],
+        model.cpu().eval(), name=name, serialization_format="pickle", input_example=example,
+        code_paths=[str(Path(agecascade.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}",
                           f"numpy=={numpy.__version__}"])

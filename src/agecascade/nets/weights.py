@@ -49,7 +49,8 @@ def _first(names: list[str] | tuple[str, ...]) -> str:
 class InputSpec:
     """The pixels a set of weights was trained on; the data pipeline must feed the same.
 
-    A uint8 pixel ``p`` in ``channels`` order becomes ``(p / 255 * value_range - mean) / std``.
+    A uint8 pixel ``p`` in ``channels`` order becomes ``(p / 255 * value_range - mean) / std``,
+    with ``mean`` and ``std`` given in that same channel order.
     """
 
     channels: str  # "RGB" or "BGR"

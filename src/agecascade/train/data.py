@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from agecascade.nets.weights import InputSpec
+
+# torchvision's ImageNet convention; also used for randomly initialised networks.
+IMAGENET = InputSpec("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # --- labels -------------------------------------------------------------------------------
@@ -128,13 +130,17 @@ class Augment:
     flip: bool = True
 
 
-def to_input(images: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor:
-    """uint8 (B,H,W,3) -> normalised float (B,3,size,size)."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+def to_input(images: torch.Tensor, size: int, channels_last: bool,
+             spec: InputSpec = IMAGENET) -> torch.Tensor:
+    """uint8 RGB (B,H,W,3) -> (B,3,size,size) float, in the pixel convention the weights expect."""
+    x = images.permute(0, 3, 1, 2).float()
+    if spec.channels == "BGR":
+        x = x.flip(1)
+    x = x.mul_(spec.value_range / 255.0)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
+    std = x.new_tensor(spec.std).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

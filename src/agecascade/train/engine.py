@@ -20,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import Augment, augment_batch, to_input
+from agecascade.nets.weights import InputSpec
+
+from .data import IMAGENET, Augment, augment_batch, to_input
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TrainConfig:
     input_size: int = 224
     seed: int = 0
     augment: Augment = field(default_factory=Augment)
+    input_spec: InputSpec = IMAGENET  # pixel convention of the pretrained weights
     max_train_batches: int = 0   # 0 = whole epoch; the grid may cap trial cost with it
 
 
@@ -61,7 +64,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             break
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        x = augment_batch(to_input(images, config.input_size, channels_last), config.augment, gen)
+        x = to_input(images, config.input_size, channels_last, config.input_spec)
+        x = augment_batch(x, config.augment, gen)
         with autocast(device):
             loss = F.cross_entropy(model(x), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -76,13 +80,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, input_size: int,
-            ages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            ages: torch.Tensor, spec: InputSpec = IMAGENET
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (N,K) float32, labels (N,), DEX ages (N,)) over a loader, in loader order."""
     model.eval()
     channels_last = device.type == "cuda"
     all_logits, all_labels = [], []
     for images, labels in loader:
-        x = to_input(images.to(device, non_blocking=True), input_size, channels_last)
+        x = to_input(images.to(device, non_blocking=True), input_size, channels_last, spec)
         with autocast(device):
             logits = model(x)
         all_logits.append(logits.float().cpu())
@@ -92,8 +97,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, input_si
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, input_size: int,
-             ages: torch.Tensor) -> dict[str, float]:
-    logits, labels, predicted = predict(model, loader, device, input_size, ages)
+             ages: torch.Tensor, spec: InputSpec = IMAGENET) -> dict[str, float]:
+    logits, labels, predicted = predict(model, loader, device, input_size, ages, spec)
     true_age = ages.cpu()[labels]
     return {"val_loss": F.cross_entropy(logits, labels).item(),
             "val_mae": (predicted - true_age).abs().mean().item()}
@@ -135,7 +140,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
         metrics = train_one_epoch(model, train_loader, optimizer, device, config, epoch)
-        metrics |= evaluate(model, val_loader, device, config.input_size, ages)
+        metrics |= evaluate(model, val_loader, device, config.input_size, ages, config.input_spec)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step(metrics["val_loss"])
         history.append({"epoch": epoch + 1, **metrics})
