@@ -1,6 +1,6 @@
 """Stage `train`: fine-tune one backbone on one prepared dataset (one step of the cascade).
 
-Writes into OUT: model.pt (lowest validation loss), last.pt (resume point), metrics.json,
+Writes into OUT: model.pt (lowest validation MAE), last.pt (resume point), metrics.json,
 history.csv (per-epoch curves for `dvc plots`). Tracked in MLflow unless --no-track.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def finish(args, model, history, crops, labels, rows, ages, device, space) -> dict:
-    """Score the kept (lowest val loss) weights; write metrics.json and history.csv."""
+    """Score the kept (lowest val MAE) weights; write metrics.json and history.csv."""
     from agecascade.train.engine import evaluate
 
     best = torch.load(args.out / "model.pt", map_location=device, weights_only=True)
