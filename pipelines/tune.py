@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import shutil
-from pathlib import Path
 
 from agecascade.pipelines import train
 
@@ -32,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
         study_name=f"{args.backbone}-{args.manifest.name}", direction="minimize",
         storage=f"sqlite:///{(args.out / 'optuna.db').resolve()}", load_if_exists=True,
         sampler=optuna.samplers.GridSampler(space, seed=args.seed))
+    track = not args.no_track
 
     def objective(trial: "optuna.Trial") -> float:
         trial_args = copy.copy(args)
@@ -51,7 +51,6 @@ def main(args: argparse.Namespace) -> int:
                 mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
         return loss if math.isfinite(loss) else math.inf
 
-    track = not args.no_track
     n_grid = len(space["lr"]) * len(space["batch"])
     remaining = n_grid - len([t for t in study.trials if t.state.is_finished()])
     if track:

@@ -39,24 +39,23 @@ def experiment_id(name: str) -> str:
 
 @contextmanager
 def tracked_run(experiment: str, run_name: str, out: Path, tags: dict[str, str],
-                params: dict, nested: bool = False) -> Iterator[object]:
-    """Start (or, when ``out`` holds a run id from an interrupted attempt, resume) a run."""
+                params: dict) -> Iterator[object]:
+    """Start a run, or resume the one an interrupted attempt left its id for in ``out``, so a
+    resumed training continues the same curves instead of starting a second, partial run."""
     import mlflow
 
     exp = experiment_id(experiment)
     run_id_path = out / RUN_ID_FILE
-    resume = run_id_path.read_text().strip() if run_id_path.exists() and not nested else None
+    resume = run_id_path.read_text().strip() if run_id_path.exists() else None
     with mlflow.start_run(run_id=resume, experiment_id=None if resume else exp,
-                          run_name=None if resume else run_name, nested=nested) as run:
-        if not nested:
-            out.mkdir(parents=True, exist_ok=True)
-            run_id_path.write_text(run.info.run_id)
+                          run_name=None if resume else run_name) as run:
+        out.mkdir(parents=True, exist_ok=True)
+        run_id_path.write_text(run.info.run_id)
         mlflow.set_tags({**tags, "git_commit": git_commit()})
         if not resume:
             mlflow.log_params(params)
         yield run
-    if not nested:
-        run_id_path.unlink(missing_ok=True)
+    run_id_path.unlink(missing_ok=True)
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
