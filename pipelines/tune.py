@@ -45,8 +45,9 @@ def main(args: argparse.Namespace) -> int:
         if track:
             import mlflow
 
+            parent = mlflow.active_run().info
             with mlflow.start_run(run_name=f"lr={trial_args.lr:g} batch={trial_args.batch}",
-                                  nested=True):
+                                  experiment_id=parent.experiment_id, nested=True):
                 mlflow.log_params({"lr": trial_args.lr, "batch": trial_args.batch})
                 mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
         return loss if math.isfinite(loss) else math.inf
