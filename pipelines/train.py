@@ -18,7 +18,7 @@ from agecascade.data.store import load_prepared
 from agecascade.nets import BACKBONES, AgeNet, create_model, freeze_features
 from agecascade.nets.weights import InputSpec
 from agecascade.train.data import IMAGENET, LabelSpace, assign_split, make_loader
-from agecascade.train.engine import TrainConfig, fit, pick_device
+from agecascade.train.engine import TrainConfig, evaluate, fit, pick_device
 
 MODES = {"a": "frozen backbone, classifier layers trained",
          "b": "full fine-tune (IMDB -> target)",
@@ -150,8 +150,6 @@ def main(args: argparse.Namespace) -> int:
 
 def finish(args, model, history, crops, labels, rows, ages, device, space) -> dict:
     """Score the kept (lowest val MAE) weights; write metrics.json and history.csv."""
-    from agecascade.train.engine import evaluate
-
     best = torch.load(args.out / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
     values = np.asarray(space.values)
