@@ -12,9 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from agecascade.data.store import load_prepared
+from agecascade.data.store import MANIFEST, load_prepared
 from agecascade.nets import BACKBONES, AgeNet, create_model, freeze_features
 from agecascade.nets.weights import InputSpec
 from agecascade.train.data import IMAGENET, LabelSpace, assign_split, make_loader
@@ -61,11 +62,10 @@ def label_space_for(manifest) -> LabelSpace:
     return LabelSpace.from_ages(ages)
 
 
-def load_init(model: AgeNet, path: Path, same_labels: bool) -> list[str]:
+def load_init(model: AgeNet, state: dict, same_labels: bool) -> list[str]:
     """Copy a previous stage's weights. The output layer starts afresh (He init) unless the
     label space is the same: class k of another dataset may stand for another age.
     Returns the keys that were not copied."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     own = model.state_dict()
     output = {f"head.{len(model.head) - 1}.{p}" for p, _ in model.output_layer.named_parameters()}
     fresh = [k for k in own if k not in state or state[k].shape != own[k].shape
@@ -97,10 +97,10 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
 
     torch.manual_seed(args.seed)  # fresh layers (the output layer at least) start the same every run
     if args.init:  # the previous stage fixes the architecture and the pixel convention
-        init_meta = torch.load(args.init, map_location="cpu", weights_only=True)["meta"]
-        model = create_model(init_meta["arch"], space.size)
-        spec = InputSpec(**init_meta["input_spec"])
-        fresh = load_init(model, args.init, init_meta["ages"] == list(space.values))
+        init = torch.load(args.init, map_location="cpu", weights_only=True)
+        model = create_model(init["meta"]["arch"], space.size)
+        spec = InputSpec(**init["meta"]["input_spec"])
+        fresh = load_init(model, init["model"], init["meta"]["ages"] == list(space.values))
         print(f"initialised from {args.init}; re-initialised: {', '.join(fresh) or 'nothing'}")
     else:
         model = create_model(args.backbone, space.size, args.pretrained,
@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         from agecascade import tracking
 
-        dataset = load_prepared(args.manifest)[0]["dataset"].iloc[0]
+        dataset = pd.read_parquet(args.manifest / MANIFEST, columns=["dataset"])["dataset"].iloc[0]
         tags = {"backbone": args.backbone, "stage": args.stage, "mode": args.mode,
                 "dataset": str(dataset), "pretrained": args.pretrained}
         params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -156,13 +156,15 @@ def finish(args, model, history, crops, labels, rows, ages, device, space) -> di
     median = np.median(values[labels[rows["train"]]])
     summary = {"best_epoch": best["epoch"] + 1, "epochs": len(history),
                "val_mae_median_baseline": float(np.abs(values[labels[rows["val"]]] - median).mean())}
-    for part in ("val", "test"):
-        if len(rows[part]):
-            loader = make_loader(crops, labels, rows[part], 64, False, 0, 0, False)
-            scores = evaluate(model, loader, device, args.input_size, ages,
-                              InputSpec(**best["meta"]["input_spec"]))
-            summary |= {f"{part}_loss": scores["val_loss"], f"{part}_mae": scores["val_mae"]}
-            summary[f"n_{part}"] = int(len(rows[part]))
+    kept = best["metrics"]  # the kept epoch's validation scores, measured in fit
+    summary |= {"val_loss": kept["val_loss"], "val_mae": kept["val_mae"],
+                "n_val": int(len(rows["val"]))}
+    if len(rows["test"]):
+        loader = make_loader(crops, labels, rows["test"], 64, False, 0, 0, False)
+        scores = evaluate(model, loader, device, args.input_size, ages,
+                          InputSpec(**best["meta"]["input_spec"]))
+        summary |= {"test_loss": scores["val_loss"], "test_mae": scores["val_mae"],
+                    "n_test": int(len(rows["test"]))}
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     with (args.out / "history.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
