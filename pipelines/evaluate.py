@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from agecascade.data.store import load_prepared
-from agecascade.nets import create_model
-from agecascade.nets.weights import InputSpec
+from agecascade.nets.checkpoint import input_spec, load_checkpoint
 from agecascade.train.data import LabelSpace, assign_split, make_loader
 from agecascade.train.engine import pick_device, predict
 
@@ -24,17 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    meta = state["meta"]
-    model = create_model(meta["arch"], len(meta["ages"]))  # arch: e.g. resnet50-torchvision
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), meta
-
-
 def main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    model, meta = load_model(args.model, device)
+    model, meta = load_checkpoint(args.model, device)
     manifest, crops = load_prepared(args.manifest)
     ages = manifest["age"].to_numpy(dtype=float)
     if np.isnan(ages).any():
@@ -48,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     space = LabelSpace(tuple(meta["ages"]))
     loader = make_loader(crops, space.encode(ages), rows, args.batch, False, 0, 0, False)
     _, _, predicted = predict(model, loader, device, meta["input_size"], space.tensor(device),
-                              InputSpec(**meta["input_spec"]))
+                              input_spec(meta))
     errors = np.abs(predicted.numpy() - ages[rows])
     result = {"n": int(len(rows)), "mae": float(errors.mean()),
               "median_ae": float(np.median(errors)), "split": args.split}

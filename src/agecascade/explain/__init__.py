@@ -1,0 +1,1 @@
+"""Explainability maps (Grad-CAM) for age networks."""
