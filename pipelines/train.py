@@ -16,8 +16,9 @@ import pandas as pd
 import torch
 
 from agecascade.data.store import MANIFEST, load_prepared
-from agecascade.nets import BACKBONES, AgeNet, create_model, freeze_features
+from agecascade.nets import BACKBONES, create_model, freeze_features
 from agecascade.nets.weights import InputSpec
+from agecascade.train.cascade import model_from_init, read_init
 from agecascade.train.data import IMAGENET, LabelSpace, assign_split, make_loader
 from agecascade.train.engine import TrainConfig, evaluate, fit, pick_device
 
@@ -62,19 +63,6 @@ def label_space_for(manifest) -> LabelSpace:
     return LabelSpace.from_ages(ages)
 
 
-def load_init(model: AgeNet, state: dict, same_labels: bool) -> list[str]:
-    """Copy a previous stage's weights. The output layer starts afresh (He init) unless the
-    label space is the same: class k of another dataset may stand for another age.
-    Returns the keys that were not copied."""
-    own = model.state_dict()
-    output = {f"head.{len(model.head) - 1}.{p}" for p, _ in model.output_layer.named_parameters()}
-    fresh = [k for k in own if k not in state or state[k].shape != own[k].shape
-             or (k in output and not same_labels)]
-    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in fresh},
-                          strict=False)
-    return fresh
-
-
 def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]:
     """Train as ``args`` says; return the summary and the model holding the kept weights."""
     if args.hparams:
@@ -97,10 +85,7 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
 
     torch.manual_seed(args.seed)  # fresh layers (the output layer at least) start the same every run
     if args.init:  # the previous stage fixes the architecture and the pixel convention
-        init = torch.load(args.init, map_location="cpu", weights_only=True)
-        model = create_model(init["meta"]["arch"], space.size)
-        spec = InputSpec(**init["meta"]["input_spec"])
-        fresh = load_init(model, init["model"], init["meta"]["ages"] == list(space.values))
+        model, spec, fresh = model_from_init(read_init(args.init), space.values)
         print(f"initialised from {args.init}; re-initialised: {', '.join(fresh) or 'nothing'}")
     else:
         model = create_model(args.backbone, space.size, args.pretrained,
