@@ -18,8 +18,9 @@ import torch
 from agecascade.data.store import MANIFEST, load_prepared
 from agecascade.nets import BACKBONES, create_model, freeze_features
 from agecascade.nets.weights import InputSpec
-from agecascade.train.cascade import model_from_init, read_init
+from agecascade.train.cascade import inherited_labels, model_from_init, read_init
 from agecascade.train.data import IMAGENET, LabelSpace, assign_split, make_loader
+from agecascade.train.degrade import Degrade
 from agecascade.train.engine import TrainConfig, evaluate, fit, pick_device
 
 MODES = {"a": "frozen backbone, classifier layers trained",
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-train-batches", type=int, default=0,
                         help="cap batches per epoch (0 = whole epoch)")
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--degrade", type=float, default=0.0,
+                        help="probability of each old-photo effect (greyscale or sepia, blur, JPEG) "
+                             "per training image; 0 = the thesis's geometric augmentation only")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--test-fraction", type=float, default=0.0,
@@ -75,7 +79,10 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
         keep = np.sort(np.random.default_rng(args.seed).choice(len(manifest), args.max_images,
                                                                replace=False))
         manifest, crops = manifest.iloc[keep].reset_index(drop=True), crops[keep]
+    init = read_init(args.init) if args.init else None
     space = label_space_for(manifest)
+    if init is not None:
+        space = inherited_labels(init, space)
     labels = space.encode(manifest["age"].to_numpy(dtype=float))
     split = assign_split(manifest, args.val_fraction, args.test_fraction, args.seed)
     rows = {part: np.flatnonzero(split == part) for part in ("train", "val", "test")}
@@ -84,8 +91,8 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
                          f"{len(rows['val'])} validation images; use more data")
 
     torch.manual_seed(args.seed)  # fresh layers (the output layer at least) start the same every run
-    if args.init:  # the previous stage fixes the architecture and the pixel convention
-        model, spec, fresh = model_from_init(read_init(args.init), space.values)
+    if init is not None:  # the previous stage fixes the architecture and the pixel convention
+        model, spec, fresh = model_from_init(init, space.values)
         print(f"initialised from {args.init}; re-initialised: {', '.join(fresh) or 'nothing'}")
     else:
         model = create_model(args.backbone, space.size, args.pretrained,
@@ -97,7 +104,8 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
                      else torch.contiguous_format)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch,
                          patience=args.patience, input_size=args.input_size, seed=args.seed,
-                         max_train_batches=args.max_train_batches, input_spec=spec)
+                         max_train_batches=args.max_train_batches, input_spec=spec,
+                         degrade=Degrade.each(args.degrade))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     pin = device.type == "cuda"
     train_loader = make_loader(crops, labels, rows["train"], args.batch, True, args.seed,

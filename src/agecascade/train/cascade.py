@@ -12,6 +12,7 @@ import torch
 
 from agecascade.nets import AgeNet, create_model
 from agecascade.nets.weights import InputSpec
+from agecascade.train.data import LabelSpace
 
 
 def load_init(model: AgeNet, state: dict, same_labels: bool) -> list[str]:
@@ -36,3 +37,14 @@ def model_from_init(init: dict, labels: tuple[float, ...]) -> tuple[AgeNet, Inpu
     model = create_model(init["meta"]["arch"], len(labels))
     fresh = load_init(model, init["model"], list(init["meta"]["ages"]) == list(labels))
     return model, InputSpec(**init["meta"]["input_spec"]), fresh
+
+
+def inherited_labels(init: dict, own: LabelSpace) -> LabelSpace:
+    """The previous stage's age classes when they cover this dataset's ages, else its own.
+
+    IMDB's 0-100 covers AgeDB and FG-NET, so the output layer, the part that knows what each
+    age looks like, carries over whole instead of being thrown away.
+    """
+    previous = tuple(float(a) for a in init["meta"]["ages"])
+    return LabelSpace(previous) if previous[0] <= own.values[0] and own.values[-1] <= previous[-1] \
+        else own

@@ -130,19 +130,30 @@ class Augment:
     flip: bool = True
 
 
-def to_input(images: torch.Tensor, size: int, channels_last: bool,
-             spec: InputSpec = IMAGENET) -> torch.Tensor:
-    """uint8 RGB (B,H,W,3) -> (B,3,size,size) float, in the pixel convention the weights expect."""
-    x = images.permute(0, 3, 1, 2).float()
-    if spec.channels == "BGR":
-        x = x.flip(1)
-    x = x.mul_(spec.value_range / 255.0)
+def to_unit(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 RGB (B,H,W,3) -> float RGB in [0, 1], (B,3,size,size)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def normalise(x: torch.Tensor, spec: InputSpec, channels_last: bool) -> torch.Tensor:
+    """[0, 1] RGB (B,3,S,S) -> the pixel convention the weights expect (channel order, range,
+    mean and std)."""
+    if spec.channels == "BGR":
+        x = x.flip(1)
+    x = x * spec.value_range
     mean = x.new_tensor(spec.mean).view(1, 3, 1, 1)
     std = x.new_tensor(spec.std).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def to_input(images: torch.Tensor, size: int, channels_last: bool,
+             spec: InputSpec = IMAGENET) -> torch.Tensor:
+    """uint8 RGB (B,H,W,3) -> (B,3,size,size) float, in the pixel convention the weights expect."""
+    return normalise(to_unit(images, size), spec, channels_last)
 
 
 def augment_batch(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from agecascade.nets.weights import InputSpec
 
-from .data import IMAGENET, Augment, augment_batch, to_input
+from .data import IMAGENET, Augment, augment_batch, normalise, to_input, to_unit
+from .degrade import Degrade, degrade_batch
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainConfig:
     input_size: int = 224
     seed: int = 0
     augment: Augment = field(default_factory=Augment)
+    degrade: Degrade = field(default_factory=Degrade)  # old-photo looks; off in the thesis
     input_spec: InputSpec = IMAGENET  # pixel convention of the pretrained weights
     max_train_batches: int = 0   # 0 = whole epoch; the grid may cap trial cost with it
 
@@ -64,8 +66,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             break
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        x = to_input(images, config.input_size, channels_last, config.input_spec)
-        x = augment_batch(x, config.augment, gen)
+        x = to_unit(images, config.input_size)
+        if config.degrade.active:
+            x = degrade_batch(x, config.degrade, gen)
+        x = augment_batch(normalise(x, config.input_spec, channels_last), config.augment, gen)
         with autocast(device):
             loss = F.cross_entropy(model(x), labels)
         optimizer.zero_grad(set_to_none=True)

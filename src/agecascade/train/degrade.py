@@ -1,0 +1,85 @@
+"""Old-photo augmentation: greyscale, sepia, blur and JPEG artefacts.
+
+Why: FG-NET's young subjects are mostly greyscale or sepia scans of old prints, while the source
+datasets (UTKFace, IMDB) are colour web photos. A network that never saw a grey face reads
+greyscale as "old" (measured: greyscale alone adds about 3 years of error on UTKFace). Showing
+the source stage such looks removes that shortcut. Off by default: the thesis augments
+geometrically only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import decode_jpeg, encode_jpeg
+
+_LUMA = (0.299, 0.587, 0.114)
+_SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
+
+
+@dataclass(frozen=True)
+class Degrade:
+    """Per-image probabilities of each effect (greyscale and sepia exclude each other)."""
+    greyscale: float = 0.0
+    sepia: float = 0.0
+    blur: float = 0.0
+    jpeg: float = 0.0
+    max_blur_sigma: float = 1.5   # in pixels of a 112-pixel face; scaled with the input size
+    jpeg_quality: tuple[int, int] = (15, 60)
+
+    @classmethod
+    def each(cls, probability: float) -> "Degrade":
+        return cls(probability / 2, probability / 2, probability, probability)
+
+    @property
+    def active(self) -> bool:
+        return max(self.greyscale, self.sepia, self.blur, self.jpeg) > 0
+
+
+def _colour(x: torch.Tensor, matrix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
+    return torch.einsum("oc,bchw->bohw", x.new_tensor(matrix), x).clamp_(0, 1)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur with one sigma per image, as one grouped separable convolution."""
+    b, c, h, w = x.shape
+    radius = max(1, int(torch.ceil(2 * sigma.max()).item()))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma.to(x)[:, None]) ** 2)   # (B, 2r+1)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, 2r+1)
+    flat = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=b * c)            # along width
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)            # along height
+    return flat.reshape(b, c, h, w)
+
+
+def _jpeg(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
+    """Encode and decode through libjpeg on the CPU (a small share of each batch)."""
+    pixels = (x.detach() * 255).round_().clamp_(0, 255).to(torch.uint8).cpu()
+    out = [decode_jpeg(encode_jpeg(img, quality=q)) for img, q in zip(pixels, qualities)]
+    return torch.stack(out).to(device=x.device, dtype=x.dtype).div_(255)
+
+
+def degrade_batch(x: torch.Tensor, degrade: Degrade, gen: torch.Generator) -> torch.Tensor:
+    """x: RGB in [0, 1], (B,3,S,S) -> the same with random old-photo effects. Random numbers
+    come from ``gen`` on the CPU so a run is reproducible whatever the device."""
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=gen)
+    x = x.clone()
+    grey = u[:, 0] < degrade.greyscale
+    sepia = ~grey & (u[:, 0] < degrade.greyscale + degrade.sepia)
+    if grey.any():
+        x[grey] = _colour(x[grey], (_LUMA,) * 3)
+    if sepia.any():
+        x[sepia] = _colour(x[sepia], _SEPIA)
+    blur = u[:, 1] < degrade.blur
+    if blur.any():
+        sigma = (0.3 + u[blur, 2] * (degrade.max_blur_sigma - 0.3)) * x.shape[-1] / 112
+        x[blur] = _blur(x[blur], sigma)
+    jpeg = u[:, 3] < degrade.jpeg
+    if jpeg.any():
+        low, high = degrade.jpeg_quality
+        qualities = (low + u[jpeg, 4] * (high - low)).round().int().tolist()
+        x[jpeg] = _jpeg(x[jpeg], qualities)
+    return x
