@@ -18,7 +18,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agecascade.pipelines import evaluate, prepare, train, tune
+    from agecascade.pipelines import cam, evaluate, lopo, prepare, promote, register, train, tune
 
     parser = argparse.ArgumentParser(prog="agecascade", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, text in (
             ("train", train, "fine-tune one backbone on one prepared dataset"),
             ("tune", tune, "lr x batch grid (Optuna), one epoch per point"),
-            ("evaluate", evaluate, "MAE of a model file on a prepared manifest")):
+            ("evaluate", evaluate, "MAE of a model file on a prepared manifest"),
+            ("lopo", lopo, "FG-NET leave-one-person-out from a cascade checkpoint (mode a, b or c)"),
+            ("cam", cam, "Grad-CAM maps before/after fine-tuning (thesis figure 14)"),
+            ("register", register,
+             "log the lowest FG-NET MAE candidate as a pyfunc and make it the registry champion"),
+            ("promote", promote, "make a registered version, or a run's model, the champion")):
         sub = commands.add_parser(name, help=text)
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)

@@ -64,14 +64,35 @@ def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
+def log_child_run(name: str, metrics: dict[str, float], tags: dict[str, str] | None = None,
+                  artifacts: tuple[Path, ...] = ()) -> None:
+    """One nested run under the active run: a fold of a protocol, say."""
+    import mlflow
+
+    parent = mlflow.active_run()  # a nested run would otherwise land in the default experiment
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id):
+        mlflow.set_tags(tags or {})
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+
+
 def log_final(summary: dict[str, float], out: Path, model, input_size: int) -> None:
     """Final scores, the files DVC also tracks, and the model itself."""
     import mlflow
 
-    mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items()})
-    for name in ("metrics.json", "history.csv"):
-        mlflow.log_artifact(str(out / name))
+    log_summary({f"final_{k}": v for k, v in summary.items()}, out, ("metrics.json", "history.csv"))
     log_model(model, input_size)
+
+
+def log_summary(summary: dict, out: Path, files: tuple[str, ...]) -> None:
+    """The numbers of a summary as metrics (text values as tags) and the named files of ``out``."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+    mlflow.set_tags({k: v for k, v in summary.items() if isinstance(v, str)})
+    for name in files:
+        mlflow.log_artifact(str(out / name))
 
 
 def log_model(model, input_size: int, name: str = "model") -> None:

@@ -133,7 +133,7 @@ class Augment:
 def to_unit(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 RGB (B,H,W,3) -> float RGB in [0, 1], (B,3,size,size)."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != size:
+    if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
 

@@ -1,0 +1,168 @@
+"""FG-NET leave-one-person-out on a tiny synthetic FG-NET-style store, on the CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import agecascade.evaluation.lopo as lopo
+from agecascade.cli import main
+from agecascade.data.manifest import make_row, to_frame
+from agecascade.data.store import CROPS, MANIFEST, create_store, load_prepared
+from agecascade.evaluation.lopo import LopoConfig, run_lopo, summarise, train_heads
+from agecascade.nets import create_model
+from agecascade.nets.checkpoint import load_checkpoint
+from agecascade.train.data import IMAGENET, LabelSpace
+
+SIZE = 32
+SUBJECTS = 8
+
+
+def write_fgnet_like(folder: Path, per_subject: int = 6, seed: int = 0) -> Path:
+    """Subjects photographed at several ages; brightness encodes age, so a head can learn it."""
+    rng = np.random.default_rng(seed)
+    rows, pixels = [], []
+    for s in range(SUBJECTS):
+        for k, age in enumerate(np.sort(rng.integers(0, 60, per_subject))):
+            level = 40 + 3 * age
+            pixels.append(np.clip(rng.normal(level, 10, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8))
+            rows.append(make_row(f"{s:03d}A{age:02d}_{k}.JPG", "fgnet", age=float(age), subject=f"{s:03d}"))
+    folder.mkdir(parents=True)
+    store = create_store(folder / CROPS, len(rows), SIZE)
+    store[:] = np.stack(pixels)
+    store.flush()
+    to_frame(rows).to_parquet(folder / MANIFEST, index=False)
+    return folder
+
+
+def write_init(path: Path, ages: tuple[float, ...]) -> Path:
+    """A stage checkpoint as `agecascade train` writes it, from an untrained resnet18."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", len(ages))
+    meta = {"arch": model.arch, "backbone": "resnet18", "ages": list(ages),
+            "input_spec": {"channels": "RGB", "value_range": 1.0, "mean": list(IMAGENET.mean),
+                           "std": list(IMAGENET.std)},
+            "input_size": SIZE, "mode": "b", "dataset": "toy"}
+    torch.save({"model": model.state_dict(), "meta": meta, "epoch": 0, "metrics": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fgnet(tmp_path_factory) -> Path:
+    return write_fgnet_like(tmp_path_factory.mktemp("fgnet") / "prepared")
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory) -> Path:
+    return write_init(tmp_path_factory.mktemp("init") / "model.pt", tuple(float(a) for a in range(100)))
+
+
+def lopo_args(fgnet: Path, init: Path, out: Path, mode: str, *extra: str) -> list[str]:
+    return ["lopo", "--manifest", str(fgnet), "--model", str(init), "--mode", mode,
+            "--device", "cpu", "--no-track", "--out", str(out), "--batch", "8", *extra]
+
+
+def test_no_fold_trains_on_its_own_subject(fgnet, init, tmp_path, monkeypatch):
+    seen: list[np.ndarray] = []
+    real = lopo.train_fold
+
+    def spy(model, start, data, rows, *args, **kwargs):
+        seen.append(set(data.subjects[rows]))
+        return real(model, start, data, rows, *args, **kwargs)
+
+    monkeypatch.setattr(lopo, "train_fold", spy)
+    assert main(lopo_args(fgnet, init, tmp_path / "b", "b", "--epochs", "1")) == 0
+    predictions = pd.read_csv(tmp_path / "b" / "predictions.csv", dtype={"subject": str})
+    subjects = sorted(predictions["subject"].unique())
+    assert len(seen) == SUBJECTS + 1  # one model per held-out subject, then the final one
+    for subject, trained_on in zip(subjects, seen):
+        assert subject not in trained_on and len(trained_on) == SUBJECTS - 1
+    assert seen[-1] == set(subjects)  # the deployable model sees everyone
+    assert len(predictions) == SUBJECTS * 6 and predictions["path"].is_unique
+
+
+def test_mode_a_learns_and_writes_a_loadable_model(fgnet, init, tmp_path):
+    out = tmp_path / "a"
+    assert main(lopo_args(fgnet, init, out, "a", "--epochs", "30", "--lr", "0.01")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ages = pd.read_parquet(fgnet / MANIFEST)["age"]
+    baseline = (ages - ages.median()).abs().mean()
+    assert metrics["n_folds"] == SUBJECTS and metrics["n_images"] == len(ages)
+    assert metrics["mae"] < 0.6 * baseline, (metrics["mae"], baseline)
+    assert metrics["mae_ci95_low"] < metrics["mae"] < metrics["mae_ci95_high"]
+    folds = pd.read_csv(out / "folds.csv")
+    assert len(folds) == SUBJECTS and (folds["n"] == 6).all()
+    assert not (out / lopo.FOLDS_DIR).exists()  # the resume cache goes once the run is complete
+    model, meta = load_checkpoint(out / "model.pt")
+    assert meta["mode"] == "a" and meta["dataset"] == "fgnet" and len(meta["ages"]) == 100
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--manifest", str(fgnet),
+                 "--device", "cpu"]) == 0
+
+
+def test_heads_trained_together_equal_heads_trained_alone():
+    """The vmapped multi-fold trainer is an optimisation, not a different algorithm."""
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    features = torch.randn(2, 40, 6)
+    labels = torch.randint(0, 4, (40,))
+    masks = torch.rand(3, 40) > 0.3
+    config = LopoConfig(mode="a", epochs=3, lr=0.01, batch_size=8)
+    together = train_heads(head, features, labels, masks, config, seed=5)
+    for f in range(3):
+        alone = train_heads(head, features, labels, masks[f:f + 1], config, seed=5)[0]
+        for (name, a), b in zip(alone.state_dict().items(), together[f].state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_an_interrupted_run_trains_only_the_missing_folds(fgnet, init, tmp_path):
+    manifest, crops = load_prepared(fgnet)
+    space = LabelSpace(tuple(float(a) for a in range(100)))
+    config = LopoConfig(mode="b", epochs=1, batch_size=8, input_size=SIZE)
+    model = create_model("resnet18", space.size)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    done: list[str] = []
+
+    def crash_after_three(subject, frame):
+        done.append(subject)
+        if len(done) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_lopo(model, start, IMAGENET, space, manifest, crops, config, torch.device("cpu"),
+                 tmp_path, "settings-1", crash_after_three)
+    first = list(done)
+    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config,
+                              torch.device("cpu"), tmp_path, "settings-1",
+                              lambda subject, frame: done.append(subject))
+    assert done[3:] == sorted(set(predictions["subject"]) - set(first))  # no fold trained twice
+    # other settings must not reuse those folds
+    again: list[str] = []
+    run_lopo(model, start, IMAGENET, space, manifest, crops, config, torch.device("cpu"),
+             tmp_path, "settings-2", lambda subject, frame: again.append(subject))
+    assert len(again) == SUBJECTS
+
+
+def test_summary_matches_hand_computed_figures():
+    predictions = pd.DataFrame({"subject": ["a", "a", "b", "c"], "age": [10.0, 20.0, 30.0, 40.0],
+                                "predicted": [12.0, 20.0, 24.0, 41.0]})
+    summary = summarise(predictions)
+    assert summary["mae"] == pytest.approx(9 / 4)
+    assert summary["median_ae"] == pytest.approx(1.5)
+    assert summary["fold_mae_median"] == pytest.approx(1.0)  # folds: a 1, b 6, c 1
+    assert summary["mean_signed_error"] == pytest.approx(-3 / 4)
+    assert summary["n_folds"] == 3
+
+
+def test_a_manifest_without_subjects_is_refused(fgnet, init, tmp_path, capsys):
+    broken = tmp_path / "prepared"
+    broken.mkdir()
+    manifest = pd.read_parquet(fgnet / MANIFEST)
+    manifest.loc[0, "subject"] = None
+    manifest.to_parquet(broken / MANIFEST, index=False)
+    (broken / CROPS).symlink_to(fgnet / CROPS)
+    assert main(lopo_args(broken, init, tmp_path / "out", "b")) == 2
+    assert "needs a subject for every image" in capsys.readouterr().err
