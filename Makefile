@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "agecascade needs Python 3.11 (set PYTHON=...)"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[faces,dev]'
+	$(BIN)/agecascade automl-env   # auto-sklearn's own Python 3.9 venv; says why when it cannot
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -18,7 +18,9 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agecascade.pipelines import cam, evaluate, lopo, prepare, promote, register, train, tune
+    from agecascade.features import automl_env
+    from agecascade.pipelines import (adience, cam, evaluate, features, lopo, prepare, promote,
+                                      register, report, train, tune)
 
     parser = argparse.ArgumentParser(prog="agecascade", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,10 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
             ("tune", tune, "lr x batch grid (Optuna), one epoch per point"),
             ("evaluate", evaluate, "MAE of a model file on a prepared manifest"),
             ("lopo", lopo, "FG-NET leave-one-person-out from a cascade checkpoint (mode a, b or c)"),
+            ("adience", adience, "Adience 5-fold protocol from a cascade checkpoint (8 and 3 groups)"),
+            ("features", features, "regressors on CNN features of FG-NET (thesis table 5)"),
+            ("automl-env", automl_env, "build auto-sklearn's isolated Python 3.9 environment"),
             ("cam", cam, "Grad-CAM maps before/after fine-tuning (thesis figure 14)"),
             ("register", register,
              "log the lowest FG-NET MAE candidate as a pyfunc and make it the registry champion"),
-            ("promote", promote, "make a registered version, or a run's model, the champion")):
+            ("promote", promote, "make a registered version, or a run's model, the champion"),
+            ("report", report, "the thesis's tables from this run's outputs (reports/summary.md)")):
         sub = commands.add_parser(name, help=text)
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)

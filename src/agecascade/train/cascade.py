@@ -15,14 +15,28 @@ from agecascade.nets.weights import InputSpec
 from agecascade.train.data import LabelSpace
 
 
-def load_init(model: AgeNet, state: dict, same_labels: bool) -> list[str]:
-    """Copy a previous stage's weights into ``model``; return the keys that were not copied."""
+def load_init(model: AgeNet, state: dict, old_labels: tuple[float, ...],
+              new_labels: tuple[float, ...]) -> list[str]:
+    """Copy a previous stage's weights into ``model``; return the keys that were not copied.
+
+    Output units are matched by the label they stand for: a unit for age 30 keeps its weights
+    wherever age 30 sits in the new label space; units for labels the previous stage never had
+    keep their fresh (He) initialisation.
+    """
     own = model.state_dict()
     output = {f"head.{len(model.head) - 1}.{p}" for p, _ in model.output_layer.named_parameters()}
-    fresh = [k for k in own if k not in state or state[k].shape != own[k].shape
-             or (k in output and not same_labels)]
-    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in fresh},
-                          strict=False)
+    shared = [(old_labels.index(v), i) for i, v in enumerate(new_labels) if v in old_labels]
+    fresh = [k for k in own if k not in state or (k not in output and state[k].shape != own[k].shape)
+             or (k in output and (not shared or state[k].shape[1:] != own[k].shape[1:]))]
+    copied = {k: v for k, v in state.items() if k in own and k not in fresh and k not in output}
+    for key in output - set(fresh):
+        rows = own[key].clone()
+        old, new = zip(*shared)
+        rows[list(new)] = state[key][list(old)]
+        copied[key] = rows
+        if len(shared) < len(new_labels):
+            fresh.append(f"{key} (rows of {len(new_labels) - len(shared)} new labels)")
+    model.load_state_dict(copied, strict=False)
     return fresh
 
 
@@ -35,16 +49,17 @@ def model_from_init(init: dict, labels: tuple[float, ...]) -> tuple[AgeNet, Inpu
     """(network with the previous stage's weights, its pixel convention, re-initialised keys)
     for a target whose output classes stand for ``labels``."""
     model = create_model(init["meta"]["arch"], len(labels))
-    fresh = load_init(model, init["model"], list(init["meta"]["ages"]) == list(labels))
+    old = tuple(float(a) for a in init["meta"]["ages"])
+    fresh = load_init(model, init["model"], old, tuple(float(a) for a in labels))
     return model, InputSpec(**init["meta"]["input_spec"]), fresh
 
 
 def inherited_labels(init: dict, own: LabelSpace) -> LabelSpace:
-    """The previous stage's age classes when they cover this dataset's ages, else its own.
+    """One class per year over both the previous stage's ages and this dataset's.
 
     IMDB's 0-100 covers AgeDB and FG-NET, so the output layer, the part that knows what each
-    age looks like, carries over whole instead of being thrown away.
+    age looks like, carries over whole; UTKFace (1-116) to FG-NET (0-69) gains one class.
     """
-    previous = tuple(float(a) for a in init["meta"]["ages"])
-    return LabelSpace(previous) if previous[0] <= own.values[0] and own.values[-1] <= previous[-1] \
-        else own
+    previous = [float(a) for a in init["meta"]["ages"]]
+    low, high = min(previous[0], own.values[0]), max(previous[-1], own.values[-1])
+    return LabelSpace(tuple(float(a) for a in range(int(low), int(high) + 1)))
