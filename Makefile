@@ -31,6 +31,9 @@ run: demo-data
 	@echo "Results:"
 	@for d in prepared/*/; do echo "  $$d  (manifest.parquet, crops.npy, report.json)"; done
 	@echo "  checkpoints:  models/<backbone>/{tune,imdb,agedb}/  (model.pt, metrics.json, history.csv)"
+	@echo "  protocols:    models/<backbone>/fgnet_{a,b,c}/ (FG-NET LOPO), models/<backbone>/adience/"
+	@echo "  report:       reports/summary.md (thesis tables 4-6), reports/cam/, reports/registry.json"
+	@echo "  champion:     mlflow.pyfunc.load_model('models:/age-estimator@champion')  (see README)"
 	@echo "  metrics:      $(BIN)/dvc metrics show        curves: $(BIN)/dvc plots show"
 	@echo "  MLflow UI:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
 

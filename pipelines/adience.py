@@ -370,6 +370,15 @@ def minors(groups_run: dict[int, list[dict]]) -> dict[str, float]:
             "minors_precision": float(precision[CHILD]), "minors_from_groups": groups}
 
 
+def child_teen_adult(groups_run: dict[int, list[dict]]) -> pd.DataFrame:
+    """The pooled 3-group confusion counts (rows true, columns predicted), as thesis table 6:
+    from the 3-group networks when they ran, else the 8-group predictions merged."""
+    groups = 3 if 3 in groups_run else 8
+    pooled = np.sum([np.array(r["confusion"]) for r in groups_run[groups]], axis=0)
+    confusion = pooled if groups == 3 else merge_to_3(pooled)
+    return pd.DataFrame(confusion, index=pd.Index(GROUPS3, name="true"), columns=GROUPS3)
+
+
 def run(args: argparse.Namespace, p: Protocol, runs: FoldRuns | None = None) -> dict:
     """The protocol as ``args`` says; writes OUT's files and returns the flat metrics."""
     done: dict[int, list[dict]] = {}
@@ -387,6 +396,7 @@ def run(args: argparse.Namespace, p: Protocol, runs: FoldRuns | None = None) -> 
                                             if k not in ("confusion", "fingerprint", "mlflow_parent")}}
                        for r in done[groups]]
     metrics |= minors(done)
+    child_teen_adult(done).to_csv(args.out / "confusion_g3.csv")
     metrics = {k: (v if _finite(v) else None) for k, v in metrics.items()}  # JSON has no NaN
     _write_json(metrics, args.out / "metrics.json")
     pd.DataFrame(fold_table).to_csv(args.out / "folds.csv", index=False)

@@ -197,6 +197,10 @@ def test_stage_writes_every_file(finished):
     assert sorted(folds["groups"].value_counts().items()) == [(3, 5), (8, 5)]
     classes = pd.read_csv(finished / "classes.csv")
     assert set(classes["grouping"].astype(str)) == {"8", "8as3", "3"}
+    table6 = pd.read_csv(finished / "confusion_g3.csv", index_col=0)  # the report's table 6
+    assert list(table6.columns) == ["0-12", "15-20", "25-100"] and table6.to_numpy().sum() == 100
+    child = table6.loc["0-12"]
+    assert child["0-12"] / child.sum() == pytest.approx(metrics["minors_recall"])
 
 
 def test_test_fold_faces_never_reach_training(finished, store):

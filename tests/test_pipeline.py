@@ -95,3 +95,38 @@ def test_demo_cascade_learns(repro_once, backbone):
     clone, _ = repro_once
     metrics = json.loads((clone / "models" / backbone / "agedb" / "metrics.json").read_text())
     assert metrics["val_mae"] < 0.8 * metrics["val_mae_median_baseline"]
+
+
+def test_target_protocols_report_and_registry(repro_once):
+    """The rest of figure 8: LOPO in every mode, Adience, features, CAM, report, registry."""
+    import mlflow
+    import numpy as np
+
+    clone, log = repro_once
+    for name in BACKBONES:
+        for mode in "abc":
+            assert f"Running stage 'lopo_{mode}@{name}'" in log
+            metrics = json.loads((clone / "models" / name / f"fgnet_{mode}" / "metrics.json").read_text())
+            assert metrics["n_folds"] == 20 and metrics["mode"] == mode  # every demo subject
+        adience = json.loads((clone / "models" / name / "adience" / "metrics.json").read_text())
+        assert adience["n_folds"] == 5 and 0 <= adience["minors_recall"] <= 1
+        assert (clone / "reports" / "cam" / f"{name}.png").stat().st_size > 10_000
+    features = json.loads((clone / "models" / "vgg16" / "features" / "results.json").read_text())
+    assert {r["engine"] for r in features["rows"] if r["status"] == "ok"} >= {"hgb", "flaml"}
+    summary = (clone / "reports" / "summary.md").read_text()
+    for heading in ("Table 4", "Table 5", "Adience", "3 groups", "Error analysis", "Registry"):
+        assert heading in summary, heading
+    registry = json.loads((clone / "reports" / "registry.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version_by_alias("age-estimator", "champion")
+    assert int(version.version) == registry["version"]
+    lopo_runs = mlflow.search_runs(experiment_names=["fgnet_lopo"], output_format="list")
+    assert len(lopo_runs) == 9 * 21  # 9 parents, 20 nested fold runs each
+    cwd = os.getcwd()
+    os.chdir(clone)  # the registry's artifacts live under the clone's mlruns/
+    try:
+        model = mlflow.pyfunc.load_model("models:/age-estimator@champion")
+    finally:
+        os.chdir(cwd)
+    ages = model.predict(np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
+    assert ages.shape == (4,) and np.all((ages >= 0) & (ages <= 101))
