@@ -130,7 +130,7 @@ def test_grid_runs_every_point_once_and_feeds_the_stage(toy, tmp_path):
     assert main(train_args(toy, run, "--hparams", str(out / "best.json"))) == 0
 
 
-def test_cascade_stage_inherits_arch_and_reinitialises_a_changed_output_layer(toy, tmp_path, capsys):
+def test_cascade_stage_inherits_arch_and_carries_output_units_by_age(toy, tmp_path, capsys):
     first = tmp_path / "first"
     assert main(train_args(toy, first, "--epochs", "1")) == 0
     older = write_prepared(tmp_path / "older", n=200, seed=1)
@@ -143,11 +143,34 @@ def test_cascade_stage_inherits_arch_and_reinitialises_a_changed_output_layer(to
     capsys.readouterr()
     assert main(train_args(older, second, "--epochs", "1", "--init", str(first / "model.pt"),
                            "--mode", "c")) == 0
-    assert "re-initialised: head.0.weight, head.0.bias" in capsys.readouterr().out
+    # ages 0..59 then 10..69: one class per year over both, the 10 new ages start fresh
+    assert "head.0.weight (rows of 10 new labels)" in capsys.readouterr().out
     before = torch.load(first / "model.pt", weights_only=True)
     after = torch.load(second / "model.pt", weights_only=True)
     assert after["meta"]["arch"] == before["meta"]["arch"] == "resnet18"
-    assert after["meta"]["ages"][0] == 10.0 and after["model"]["head.0.weight"].shape[0] == 60
+    assert after["meta"]["ages"] == [float(a) for a in range(70)]
+    assert after["model"]["head.0.weight"].shape[0] == 70
+
+
+def test_output_units_are_matched_by_the_age_they_stand_for():
+    from agecascade.nets import create_model
+    from agecascade.train.cascade import load_init
+
+    torch.manual_seed(0)
+    old = create_model("resnet18", 5)           # ages 20..24
+    new = create_model("resnet18", 4)           # ages 22..25
+    fresh = load_init(new, old.state_dict(), (20.0, 21.0, 22.0, 23.0, 24.0), (22.0, 23.0, 24.0, 25.0))
+    assert torch.equal(new.output_layer.weight[:3], old.output_layer.weight[2:])  # 22, 23, 24
+    assert not torch.equal(new.output_layer.weight[3], old.output_layer.weight[4])
+    assert torch.equal(new.features.conv1.weight, old.features.conv1.weight)
+    assert sorted(fresh) == ["head.0.bias (rows of 1 new labels)",
+                             "head.0.weight (rows of 1 new labels)"]
+    # no label in common: the output layer keeps its own initialisation
+    unrelated = create_model("resnet18", 4)
+    kept = unrelated.output_layer.weight.clone()
+    fresh = load_init(unrelated, old.state_dict(), (20.0, 21.0, 22.0, 23.0, 24.0), (1.0, 2.0, 3.0, 4.0))
+    assert torch.equal(unrelated.output_layer.weight, kept)
+    assert sorted(fresh) == ["head.0.bias", "head.0.weight"]
 
 
 def test_mode_a_trains_only_the_head(toy, tmp_path):
