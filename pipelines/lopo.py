@@ -68,7 +68,9 @@ def run(args: argparse.Namespace, on_fold=None) -> tuple[dict, pd.DataFrame]:
         raise ValueError("--input-size is needed when starting from a backbone's weights")
     config = LopoConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch,
                         input_size=args.input_size or int(meta["input_size"]), seed=args.seed)
-    start = {k: v.to(device) for k, v in model.state_dict().items()}
+    # a copy: state_dict() shares storage with the live weights, and every fold must start from
+    # these, not from the previous fold's model (which saw this fold's subject)
+    start = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
     args.out.mkdir(parents=True, exist_ok=True)
     key = settings_key(config, args.model or args.weights or args.backbone, manifest)
     predictions, final = run_lopo(model, start, spec, space, manifest, crops, config, device,

@@ -70,8 +70,11 @@ def test_no_fold_trains_on_its_own_subject(fgnet, init, tmp_path, monkeypatch):
     seen: list[np.ndarray] = []
     real = lopo.train_fold
 
+    starts: list[float] = []
+
     def spy(model, start, data, rows, *args, **kwargs):
         seen.append(set(data.subjects[rows]))
+        starts.append(sum(float(v.double().sum()) for v in start.values()))
         return real(model, start, data, rows, *args, **kwargs)
 
     monkeypatch.setattr(lopo, "train_fold", spy)
@@ -82,6 +85,9 @@ def test_no_fold_trains_on_its_own_subject(fgnet, init, tmp_path, monkeypatch):
     for subject, trained_on in zip(subjects, seen):
         assert subject not in trained_on and len(trained_on) == SUBJECTS - 1
     assert seen[-1] == set(subjects)  # the deployable model sees everyone
+    # every fold starts from the checkpoint, never from the previous fold's model (which was
+    # trained on this fold's subject)
+    assert len(set(starts)) == 1
     assert len(predictions) == SUBJECTS * 6 and predictions["path"].is_unique
 
 
