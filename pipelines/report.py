@@ -16,6 +16,7 @@ import pandas as pd
 
 from agecascade.evaluation.analysis import (band_confusion, band_names, cumulative_age_png,
                                             fold_mae_png, mae_by_band, worst_subjects)
+from agecascade.evaluation.classification import precision_recall
 from agecascade.evaluation.plots import confusion_png
 
 MODE_NAMES = {"a": "pretrained, frozen", "b": "IMDB", "c": "IMDB-AgeDB"}
@@ -128,12 +129,8 @@ def adience(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, pd.DataFr
 
 def confusion_with_scores(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """Counts (rows true, columns predicted) plus per-class precision and recall, as table 6."""
-    matrix = np.asarray(matrix, float)
-    precision = np.divide(np.diag(matrix), matrix.sum(0), out=np.full(len(classes), np.nan),
-                          where=matrix.sum(0) > 0)
-    recall = np.divide(np.diag(matrix), matrix.sum(1), out=np.full(len(classes), np.nan),
-                       where=matrix.sum(1) > 0)
-    frame = pd.DataFrame(matrix.astype(int), columns=[f"pred {c}" for c in classes])
+    precision, recall = precision_recall(matrix)
+    frame = pd.DataFrame(np.asarray(matrix).astype(int), columns=[f"pred {c}" for c in classes])
     frame.insert(0, "true", classes)
     frame["precision"], frame["recall"] = precision, recall
     return frame

@@ -17,7 +17,7 @@ import torch
 
 from agecascade.data.store import MANIFEST, load_prepared
 from agecascade.nets import BACKBONES, create_model, freeze_features
-from agecascade.nets.weights import InputSpec
+from agecascade.nets.checkpoint import input_spec
 from agecascade.train.cascade import inherited_labels, model_from_init, read_init
 from agecascade.train.data import IMAGENET, LabelSpace, assign_split, make_loader
 from agecascade.train.degrade import Degrade
@@ -155,7 +155,7 @@ def finish(args, model, history, crops, labels, rows, ages, device, space) -> di
     if len(rows["test"]):
         loader = make_loader(crops, labels, rows["test"], 64, False, 0, 0, False)
         scores = evaluate(model, loader, device, args.input_size, ages,
-                          InputSpec(**best["meta"]["input_spec"]))
+                          input_spec(best["meta"]))
         summary |= {"test_loss": scores["val_loss"], "test_mae": scores["val_mae"],
                     "n_test": int(len(rows["test"]))}
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

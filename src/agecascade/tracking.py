@@ -79,8 +79,6 @@ def log_child_run(name: str, metrics: dict[str, float], tags: dict[str, str] | N
 
 def log_final(summary: dict[str, float], out: Path, model, input_size: int) -> None:
     """Final scores, the files DVC also tracks, and the model itself."""
-    import mlflow
-
     log_summary({f"final_{k}": v for k, v in summary.items()}, out, ("metrics.json", "history.csv"))
     log_model(model, input_size)
 
