@@ -66,19 +66,21 @@ def lopo_args(fgnet: Path, init: Path, out: Path, mode: str, *extra: str) -> lis
             "--device", "cpu", "--no-track", "--out", str(out), "--batch", "8", *extra]
 
 
-def test_no_fold_trains_on_its_own_subject(fgnet, init, tmp_path, monkeypatch):
+@pytest.mark.parametrize("train_blocks", ["0", "2"])
+def test_no_fold_trains_on_its_own_subject(fgnet, init, tmp_path, monkeypatch, train_blocks):
     seen: list[np.ndarray] = []
     real = lopo.train_fold
-
+    subject_of = pd.read_parquet(fgnet / MANIFEST)["subject"].astype(str).to_numpy()
     starts: list[float] = []
 
-    def spy(model, start, data, rows, *args, **kwargs):
-        seen.append(set(data.subjects[rows]))
+    def spy(model, start, inputs, labels, rows, *args, **kwargs):
+        seen.append(set(subject_of[rows]))
         starts.append(sum(float(v.double().sum()) for v in start.values()))
-        return real(model, start, data, rows, *args, **kwargs)
+        return real(model, start, inputs, labels, rows, *args, **kwargs)
 
     monkeypatch.setattr(lopo, "train_fold", spy)
-    assert main(lopo_args(fgnet, init, tmp_path / "b", "b", "--epochs", "1")) == 0
+    assert main(lopo_args(fgnet, init, tmp_path / "b", "b", "--epochs", "1",
+                          "--train-blocks", train_blocks)) == 0
     predictions = pd.read_csv(tmp_path / "b" / "predictions.csv", dtype={"subject": str})
     subjects = sorted(predictions["subject"].unique())
     assert len(seen) == SUBJECTS + 1  # one model per held-out subject, then the final one
@@ -107,6 +109,19 @@ def test_mode_a_learns_and_writes_a_loadable_model(fgnet, init, tmp_path):
     assert meta["mode"] == "a" and meta["dataset"] == "fgnet" and len(meta["ages"]) == 100
     assert main(["evaluate", "--model", str(out / "model.pt"), "--manifest", str(fgnet),
                  "--device", "cpu"]) == 0
+
+
+def test_partial_fine_tune_learns_and_changes_only_the_last_blocks(fgnet, init, tmp_path):
+    out = tmp_path / "b-last-block"
+    assert main(lopo_args(fgnet, init, out, "b", "--train-blocks", "1", "--epochs", "30",
+                          "--lr", "0.01")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ages = pd.read_parquet(fgnet / MANIFEST)["age"]
+    assert metrics["mae"] < 0.6 * (ages - ages.median()).abs().mean()
+    start = torch.load(init, weights_only=True)["model"]
+    final = torch.load(out / "model.pt", weights_only=True)["model"]
+    changed = {k.split(".")[1] for k in start if not torch.equal(start[k], final[k])}
+    assert changed == {"layer4", "0"}, changed  # resnet18's last block and the head's Linear
 
 
 def test_heads_trained_together_equal_heads_trained_alone():

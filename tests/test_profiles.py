@@ -40,7 +40,7 @@ def test_paper_profile_has_the_thesis_values(tmp_path):
         {"vgg16": 0.0001, "resnet50": 0.001, "senet50": 0.01}
     assert all(b["pretrained"] == "vggface2" for b in paper["backbones"].values())
     assert paper["lopo"]["a"] == {"epochs": 20, "lr": 0.001, "batch": 48}
-    assert paper["lopo"]["finetune"] == {"epochs": 20, "batch": 16}
+    assert paper["lopo"]["finetune"] == {"train_blocks": 0, "epochs": 20, "batch": 16}
     # every section of the demo exists in the paper profile: a switch changes values, not shape
     demo = compose(tmp_path)
     assert set(paper) == set(demo)

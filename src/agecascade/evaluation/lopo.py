@@ -5,7 +5,8 @@ training device as one uint8 tensor (batches are tensor indexing, no loader), th
 read once, and every fold starts by loading the same starting weights into one network.
 In mode a the trunk is frozen, so its features are computed once (plain and mirrored views) and
 the heads of many folds train at the same time: one vmapped forward through stacked heads, in
-which each fold's loss masks out its own held-out subject.
+which each fold's loss masks out its own held-out subject. Modes b and c can likewise fine-tune
+only the trunk's last blocks (``train_blocks``): the frozen stem then also runs once per image.
 
 Finished folds are kept in ``out/folds/`` with the settings that produced them, so a rerun after
 an interruption trains only the folds that are missing.
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
 from agecascade.nets import AgeNet, freeze_features
+from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
 from agecascade.train.data import Augment, LabelSpace, augment_batch, normalise, to_unit
 from agecascade.train.engine import autocast
@@ -36,7 +38,8 @@ FOLDS_DIR = "folds"
 
 @dataclass(frozen=True)
 class LopoConfig:
-    mode: str = "b"              # a: frozen trunk, head trained; b, c: full fine-tune per fold
+    mode: str = "b"              # a: frozen trunk, head trained; b, c: fine-tune per fold
+    train_blocks: int = 0        # b, c: fine-tune only the trunk's last blocks (0 = all of it)
     epochs: int = 3
     lr: float = 1e-4
     batch_size: int = 32
@@ -87,23 +90,29 @@ def _batch(data: FoldData, rows: torch.Tensor, spec: InputSpec, channels_last: b
 
 
 @torch.no_grad()
-def _probabilities(model: AgeNet, data: FoldData, rows: np.ndarray, spec: InputSpec,
-                   device: torch.device) -> torch.Tensor:
-    """Softmax (len(rows), K), averaged over the image and its mirror image."""
-    model.eval()
+def _probabilities(net: torch.nn.Module, both_views: Callable[[torch.Tensor], torch.Tensor],
+                   rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Softmax (len(rows), K), averaged over each image and its mirror image.
+    ``both_views(idx)``: (2B, ...), the B inputs of rows ``idx``, then those of their mirrors."""
+    net.eval()
     out = []
     for start in range(0, len(rows), 128):
         idx = torch.as_tensor(rows[start:start + 128], device=device)
-        x = _batch(data, idx, spec, device.type == "cuda")
         with autocast(device):
-            both = model(torch.cat([x, x.flip(-1)]))
-        out.append(both.float().softmax(1).view(2, len(idx), -1).mean(0))
+            logits = net(both_views(idx))
+        out.append(logits.float().softmax(1).view(2, len(idx), -1).mean(0))
     return torch.cat(out)
 
 
-def train_fold(model: AgeNet, start: dict, data: FoldData, rows: np.ndarray, spec: InputSpec,
-               config: LopoConfig, device: torch.device, seed: int) -> AgeNet:
-    """Fine-tune ``model`` from ``start`` on ``rows``: Adam, cosine-decayed LR, augmented batches.
+Inputs = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""A training batch for image rows ``idx``, drawn with ``gen``: augmented images, or cached
+stem outputs of a random view."""
+
+
+def train_fold(model: torch.nn.Module, start: dict, inputs: Inputs, labels: torch.Tensor,
+               rows: np.ndarray, config: LopoConfig, device: torch.device, seed: int
+               ) -> torch.nn.Module:
+    """Fine-tune ``model`` from ``start`` on ``rows``: Adam, cosine-decayed LR, random batches.
 
     There is no validation split inside a fold (it would cost subjects the fold needs), so the
     LR decays to zero over a fixed number of epochs instead of following a plateau.
@@ -115,15 +124,14 @@ def train_fold(model: AgeNet, start: dict, data: FoldData, rows: np.ndarray, spe
     steps_per_epoch = max(1, len(rows) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
-    channels_last = device.type == "cuda"
     for _ in range(config.epochs):
         order = rows[torch.randperm(len(rows), generator=gen).numpy()]
         for step in range(steps_per_epoch):  # whole batches only: BatchNorm needs more than one
             idx = torch.as_tensor(order[step * config.batch_size:(step + 1) * config.batch_size],
                                   device=device)
-            x = augment_batch(_batch(data, idx, spec, channels_last), config.augment, gen)
+            x = inputs(idx, gen)
             with autocast(device):
-                loss = F.cross_entropy(model(x), data.labels[idx])
+                loss = F.cross_entropy(model(x), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -131,18 +139,18 @@ def train_fold(model: AgeNet, start: dict, data: FoldData, rows: np.ndarray, spe
     return model
 
 
-def _feature_views(model: AgeNet, data: FoldData, spec: InputSpec, device: torch.device
-                   ) -> torch.Tensor:
-    """Frozen-trunk features (2, N, D) of every image: plain and mirrored."""
-    model.eval()
+@torch.no_grad()
+def _cached_views(fn: Callable[[torch.Tensor], torch.Tensor], data: FoldData, spec: InputSpec,
+                  device: torch.device) -> torch.Tensor:
+    """``fn`` (a frozen trunk or stem) of every image, plain and mirrored: (2, N, ...),
+    computed once for all epochs and folds."""
     views = [], []
-    with torch.no_grad():
-        for start in range(0, len(data.labels), 128):
-            idx = torch.arange(start, min(start + 128, len(data.labels)), device=device)
-            x = _batch(data, idx, spec, device.type == "cuda")
-            with autocast(device):
-                views[0].append(model.features(x).float())
-                views[1].append(model.features(x.flip(-1)).float())
+    for start in range(0, len(data.labels), 128):
+        idx = torch.arange(start, min(start + 128, len(data.labels)), device=device)
+        x = _batch(data, idx, spec, device.type == "cuda")
+        with autocast(device):
+            views[0].append(fn(x).float())
+            views[1].append(fn(x.flip(-1)).float())
     return torch.stack([torch.cat(v) for v in views])
 
 
@@ -228,21 +236,59 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
     if config.mode == "a":
         final = _lopo_heads(model, start, data, spec, space, config, device, todo, paths, finished)
     else:
-        for i, subject in enumerate(todo):
-            held_out = data.subjects == subject
-            train_fold(model, start, data, np.flatnonzero(~held_out), spec, config, device,
-                       config.seed * 1_000 + subjects.index(subject))
-            rows = np.flatnonzero(held_out)
-            frame = _fold_frame(data, rows, _probabilities(model, data, rows, spec, device), space,
-                                paths)
-            finished(subject, frame)
-            print(f"fold {subjects.index(subject) + 1}/{len(subjects)} ({subject}): "
-                  f"MAE {(frame['predicted'] - frame['age']).abs().mean():.2f}")
-        final = train_fold(model, start, data, np.arange(len(paths)), spec, config, device,
-                           config.seed * 1_000 + len(subjects))
+        final = _lopo_finetune(model, start, data, spec, space, config, device, subjects, todo,
+                               paths, finished)
     predictions = pd.concat([pd.read_csv(fold_file[s], dtype={"subject": str}) for s in subjects],
                             ignore_index=True)
     return predictions, final.eval()
+
+
+def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
+                   space: LabelSpace, config: LopoConfig, device: torch.device,
+                   subjects: list[str], todo: list[str], paths: np.ndarray,
+                   finished: Callable[[str, pd.DataFrame], None]) -> AgeNet:
+    """Modes b and c: each fold fine-tunes from ``start``: the whole network on augmented
+    images, or (``config.train_blocks``) only the trunk's last blocks and the head, on the
+    frozen stem's outputs of each image and its mirror image, computed once for all folds."""
+    channels_last = device.type == "cuda"
+    model.load_state_dict(start)
+    if config.train_blocks:
+        probe = _batch(data, torch.arange(min(8, len(paths)), device=device), spec, channels_last)
+        stem, net = split_trunk(model, config.train_blocks, probe)
+        views = _cached_views(stem, data, spec, device)                  # (2, N, C, h, w)
+        net_start = {k: start[k] for k in net.state_dict()}
+
+        def inputs(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            view = torch.randint(2, (len(idx),), generator=gen).to(device)
+            return views[view, idx]
+
+        def both_views(idx: torch.Tensor) -> torch.Tensor:
+            return views[:, idx].flatten(0, 1)
+    else:
+        net, net_start = model, start
+
+        def inputs(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            return augment_batch(_batch(data, idx, spec, channels_last), config.augment, gen)
+
+        def both_views(idx: torch.Tensor) -> torch.Tensor:
+            x = _batch(data, idx, spec, channels_last)
+            return torch.cat([x, x.flip(-1)])
+
+    for subject in todo:
+        fold = subjects.index(subject)
+        held_out = data.subjects == subject
+        train_fold(net, net_start, inputs, data.labels, np.flatnonzero(~held_out), config,
+                   device, config.seed * 1_000 + fold)
+        rows = np.flatnonzero(held_out)
+        frame = _fold_frame(data, rows, _probabilities(net, both_views, rows, device), space, paths)
+        finished(subject, frame)
+        print(f"fold {fold + 1}/{len(subjects)} ({subject}): "
+              f"MAE {(frame['predicted'] - frame['age']).abs().mean():.2f}")
+    train_fold(net, net_start, inputs, data.labels, np.arange(len(paths)), config, device,
+               config.seed * 1_000 + len(subjects))
+    if net is not model:
+        model.load_state_dict({**start, **net.state_dict()})
+    return model
 
 
 def _lopo_heads(model: AgeNet, start: dict, data: FoldData, spec: InputSpec, space: LabelSpace,
@@ -251,7 +297,8 @@ def _lopo_heads(model: AgeNet, start: dict, data: FoldData, spec: InputSpec, spa
     """Mode a: all folds' heads (plus the final all-subject head) in groups that fit memory."""
     model.load_state_dict(start)
     freeze_features(model)
-    features = _feature_views(model, data, spec, device)
+    model.eval()
+    features = _cached_views(model.features, data, spec, device)
     head_size = sum(p.numel() for p in model.head.parameters())
     group = max(1, config.head_params_budget // (3 * head_size))  # weights + two Adam moments
     jobs: list[str | None] = [*todo, None]                          # None: the final head
