@@ -11,8 +11,11 @@ DATASETS := imdb agedb fgnet adience utkface
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "agecascade needs Python 3.11 (set PYTHON=...)"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[faces,dev]'
-	$(BIN)/agecascade automl-env   # auto-sklearn's own Python 3.9 venv; says why when it cannot
+	@# auto-sklearn's own Python 3.9 venv (stdlib-only builder; it says why when it cannot) builds
+	@# beside the main install. --no-compile: modules compile on first import, not all 20k files.
+	PYTHONPATH=src $(PYTHON) -m agecascade.features.automl_env > $(VENV)/automl-env.log 2>&1 & automl=$$!; \
+	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q -e '.[faces,dev]'; pip=$$?; \
+	wait $$automl; automl=$$?; cat $(VENV)/automl-env.log; test $$pip = 0 && test $$automl = 0
 	touch $(STAMP)
 
 setup: $(STAMP)

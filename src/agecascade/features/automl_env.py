@@ -158,3 +158,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"auto-sklearn not installed: {missing}. The features stage will report it as "
               "unavailable and run its other engines.")
     return 0
+
+
+if __name__ == "__main__":  # stdlib only: `make setup` builds it while the main install runs
+    import sys
+
+    cli = argparse.ArgumentParser(prog="python -m agecascade.features.automl_env",
+                                  description="build auto-sklearn's own Python 3.9 venv")
+    add_arguments(cli)
+    sys.exit(main(cli.parse_args()))
