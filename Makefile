@@ -12,10 +12,13 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "agecascade needs Python 3.11 (set PYTHON=...)"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# auto-sklearn's own Python 3.9 venv (stdlib-only builder; it says why when it cannot) builds
-	@# beside the main install. --no-compile: modules compile on first import, not all 20k files.
+	@# beside the main install. Bytecode is compiled afterwards on every core, not by pip on one:
+	@# every stage is a new process, and with PYTHONDONTWRITEBYTECODE set nothing caches it later.
 	PYTHONPATH=src $(PYTHON) -m agecascade.features.automl_env > $(VENV)/automl-env.log 2>&1 & automl=$$!; \
 	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q -e '.[faces,dev]'; pip=$$?; \
 	wait $$automl; automl=$$?; cat $(VENV)/automl-env.log; test $$pip = 0 && test $$automl = 0
+	@# a file that does not compile (a Python 2 template some packages ship) only stays uncached
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
 setup: $(STAMP)
