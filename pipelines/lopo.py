@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --backbone: the weights' source")
     parser.add_argument("--weights", default="", help="with --backbone: checkpoint file")
     parser.add_argument("--mode", choices=sorted(MODES), required=True,
-                        help="a: frozen trunk, only the head trains; b, c: full fine-tune per fold")
+                        help="a: frozen trunk, only the head trains; b, c: fine-tune per fold")
     parser.add_argument("--train-blocks", type=int, default=0,
                         help="modes b, c: fine-tune only the trunk's last N blocks with weights, "
                              "and the head; the frozen rest runs once per image (0 = everything)")
@@ -69,10 +69,9 @@ def run(args: argparse.Namespace, on_fold=None) -> tuple[dict, pd.DataFrame]:
                 "pretrained": args.pretrained, "seed": args.seed}
     if not (args.input_size or meta.get("input_size")):
         raise ValueError("--input-size is needed when starting from a backbone's weights")
-    if args.mode == "a" and args.train_blocks:
-        raise ValueError("--train-blocks is for modes b and c; mode a trains the head only")
     config = LopoConfig(mode=args.mode, train_blocks=args.train_blocks, epochs=args.epochs,
-                        lr=args.lr, batch_size=args.batch, input_size=args.input_size or int(meta["input_size"]), seed=args.seed)
+                        lr=args.lr, batch_size=args.batch,
+                        input_size=args.input_size or int(meta["input_size"]), seed=args.seed)
     # a copy: state_dict() shares storage with the live weights, and every fold must start from
     # these, not from the previous fold's model (which saw this fold's subject)
     start = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}

@@ -187,3 +187,9 @@ def test_a_manifest_without_subjects_is_refused(fgnet, init, tmp_path, capsys):
     (broken / CROPS).symlink_to(fgnet / CROPS)
     assert main(lopo_args(broken, init, tmp_path / "out", "b")) == 2
     assert "needs a subject for every image" in capsys.readouterr().err
+
+
+def test_train_blocks_in_mode_a_is_refused(fgnet, init, tmp_path, capsys):
+    assert main(lopo_args(fgnet, init, tmp_path / "out", "a", "--train-blocks", "2")) == 2
+    assert "is for modes b and c" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work

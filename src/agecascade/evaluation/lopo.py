@@ -48,6 +48,11 @@ class LopoConfig:
     augment: Augment = field(default_factory=Augment)
     head_params_budget: int = 200_000_000  # mode a: stacked head parameters trained at once
 
+    def __post_init__(self) -> None:
+        if self.mode == "a" and self.train_blocks:
+            raise ValueError("train_blocks (--train-blocks) is for modes b and c; mode a trains "
+                             "the head only")
+
 
 @dataclass
 class FoldData:

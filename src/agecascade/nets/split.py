@@ -60,7 +60,8 @@ def split_trunk(model: AgeNet, train_blocks: int, probe: torch.Tensor) -> tuple[
                          f"{model.arch} (its trunk has {len(weighted)} blocks with weights)")
     first_trained = blocks.index(weighted[-train_blocks])
     stem_names, tail = blocks[:first_trained], copy.deepcopy(model)
-    stem = nn.Sequential(*(copy.deepcopy(model.get_submodule(n)) for n in stem_names))
+    # one copy: the stem takes its blocks out of the tail's, which keeps Identity in their place
+    stem = nn.Sequential(*(tail.get_submodule(n) for n in stem_names))
     for name in stem_names:
         tail.set_submodule(name, nn.Identity())
     stem.eval().requires_grad_(False)
