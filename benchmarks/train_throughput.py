@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from agecascade.data.store import create_store
 from agecascade.nets import create_model
 from agecascade.train.data import IMAGENET, make_loader
-from agecascade.train.engine import TrainConfig, pick_device, train_one_epoch
+from agecascade.train.engine import TrainConfig, adam, pick_device, train_one_epoch
 
 
 class PlainCrops(Dataset):
@@ -67,7 +67,7 @@ def ours(model, crops, labels, batch, steps, device, workers, size) -> float:
     rows = np.arange(len(labels))
     loader = make_loader(crops, labels, rows, batch, True, 0, workers, device.type == "cuda")
     config = TrainConfig(batch_size=batch, input_size=size, max_train_batches=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = adam(model.parameters(), 1e-4)
     model.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     train_one_epoch(model, loader, optimizer, device, config, epoch=0)  # warm-up
     config.max_train_batches = steps

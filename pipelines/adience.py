@@ -44,7 +44,7 @@ from agecascade.nets import freeze_features
 from agecascade.nets.backbones import he_init
 from agecascade.train.cascade import model_from_init, read_init
 from agecascade.train.data import assign_split, make_loader
-from agecascade.train.engine import TrainConfig, fit, pick_device, predict
+from agecascade.train.engine import TrainConfig, adam, fit, pick_device, predict
 
 # groups -> (manifest column, class names in age order)
 GROUPINGS: dict[int, tuple[str, list[str]]] = {8: ("age_group", GROUPS), 3: ("age_group3", GROUPS3)}
@@ -161,7 +161,7 @@ def train_fold(args: argparse.Namespace, p: Protocol, labels: np.ndarray, groups
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch,
                          patience=args.patience, input_size=args.input_size, seed=args.seed,
                          input_spec=spec)
-    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=args.lr)
+    optimizer = adam([q for q in model.parameters() if q.requires_grad], args.lr)
 
     def loader(part: str, batch: int, shuffle: bool):
         return make_loader(p.crops, labels, rows[part], batch, shuffle, args.seed, args.workers, cuda)

@@ -21,7 +21,7 @@ from agecascade.nets.checkpoint import input_spec
 from agecascade.train.cascade import inherited_labels, model_from_init, read_init
 from agecascade.train.data import IMAGENET, LabelSpace, assign_split, make_loader
 from agecascade.train.degrade import Degrade
-from agecascade.train.engine import TrainConfig, evaluate, fit, pick_device
+from agecascade.train.engine import TrainConfig, adam, evaluate, fit, pick_device
 
 MODES = {"a": "frozen backbone, classifier layers trained",
          "b": "full fine-tune (IMDB -> target)",
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, on_epoch=None) -> tuple[dict, torch.nn.Module]
                          patience=args.patience, input_size=args.input_size, seed=args.seed,
                          max_train_batches=args.max_train_batches, input_spec=spec,
                          degrade=Degrade.each(args.degrade))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = adam([p for p in model.parameters() if p.requires_grad], args.lr)
     pin = device.type == "cuda"
     train_loader = make_loader(crops, labels, rows["train"], args.batch, True, args.seed,
                                args.workers, pin)

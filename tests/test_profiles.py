@@ -34,8 +34,10 @@ def test_paper_profile_has_the_thesis_values(tmp_path):
     assert paper["tune"]["lrs"] == [0.1, 0.01, 0.001, 0.0001]
     assert paper["tune"]["batches"] == [12, 32, 48, 64]
     assert (paper["finetune_imdb"]["epochs"], paper["finetune_imdb"]["patience"]) == (60, 5)
-    assert paper["finetune_agedb"] | {} == {"epochs": 30, "lr": 0.0001, "batch": 32, "patience": 3,
+    assert paper["finetune_agedb"] | {} == {"epochs": 30, "batch": 32, "patience": 3,
                                              "val_fraction": 0.2}
+    assert {k: v["agedb_lr"] for k, v in paper["backbones"].items()} == \
+        {"vgg16": 0.0001, "resnet50": 0.0001, "senet50": 0.0001}
     assert {k: v["target_lr"] for k, v in paper["backbones"].items()} == \
         {"vgg16": 0.0001, "resnet50": 0.001, "senet50": 0.01}
     assert all(b["pretrained"] == "vggface2" for b in paper["backbones"].values())

@@ -31,7 +31,7 @@ from agecascade.nets import AgeNet, freeze_features
 from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
 from agecascade.train.data import Augment, LabelSpace, augment_batch, normalise, to_unit
-from agecascade.train.engine import autocast
+from agecascade.train.engine import adam, autocast
 
 FOLDS_DIR = "folds"
 
@@ -125,7 +125,7 @@ def train_fold(model: torch.nn.Module, start: dict, inputs: Inputs, labels: torc
     model.load_state_dict(start)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    optimizer = adam(params, config.lr)
     steps_per_epoch = max(1, len(rows) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
@@ -172,7 +172,7 @@ def train_heads(head: torch.nn.Module, features: torch.Tensor, labels: torch.Ten
         return functional_call(skeleton, (p, b), (x,))
 
     batched = torch.vmap(forward, in_dims=(0, 0, None), randomness="different")
-    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+    optimizer = adam(params.values(), config.lr)
     steps_per_epoch = max(1, n // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)

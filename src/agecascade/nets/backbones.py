@@ -133,9 +133,12 @@ def vgg16(num_classes: int, pretrained: str, weights: Path | None) -> AgeNet:
         pool=nn.AdaptiveAvgPool2d((7, 7)),  # 7x7 at 224 px, so other input sizes work too
         flatten=nn.Flatten(),  # (B, 512 * 7 * 7) = (B, 25088)
     ))
+    # No dropout: the thesis's head is just the two layers. With torchvision's Dropout(0.5)
+    # after each, VGG-16 from random weights barely moved in the demo's 6 epochs (val MAE 20.4
+    # against the median's 17.6); without it, 9.8.
     head = nn.Sequential(
-        he_init(nn.Linear(512 * 7 * 7, 512)), nn.ReLU(inplace=True), nn.Dropout(0.5),
-        he_init(nn.Linear(512, 256)), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        he_init(nn.Linear(512 * 7 * 7, 512)), nn.ReLU(inplace=True),
+        he_init(nn.Linear(512, 256)), nn.ReLU(inplace=True),
         he_init(nn.Linear(256, num_classes)),
     )
     return AgeNet(features, head, "features.conv", "vgg16", report)

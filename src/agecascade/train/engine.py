@@ -40,6 +40,12 @@ class TrainConfig:
     max_train_batches: int = 0   # 0 = whole epoch; the grid may cap trial cost with it
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """The thesis's optimiser, with the fused kernel (CPU and CUDA): the default for-each Adam
+    costs as much as a VGG-16 forward and backward on 2 CPU cores, ten times the fused step."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
