@@ -28,12 +28,17 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Demo datasets only when data/ holds none of the five: real data is never overwritten.
+# Writing them takes one core; meanwhile the other writes the bytecode of what the training
+# stages import (torch, torchvision, MLflow's SQL store), which the first stage would otherwise
+# compile itself (15 s).
 demo-data: setup
-	@found=0; for d in $(DATASETS); do [ -e data/$$d ] && found=1; done; \
+	@$(BIN)/python -c 'import agecascade.pipelines.lopo, mlflow.store.tracking.sqlalchemy_store' & warm=$$!; \
+	found=0; for d in $(DATASETS); do [ -e data/$$d ] && found=1; done; \
 	if [ $$found = 0 ]; then \
 	  echo "data/ holds no dataset: writing synthetic demo datasets"; \
-	  $(BIN)/agecascade demo-data --out data; \
-	else echo "data/ already holds datasets: using them"; fi
+	  $(BIN)/agecascade demo-data --out data || exit 1; \
+	else echo "data/ already holds datasets: using them"; fi; \
+	wait $$warm
 
 run: demo-data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

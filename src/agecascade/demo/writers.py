@@ -217,7 +217,7 @@ def _old_scan(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(tone), 0, 255).astype(np.uint8), "RGB")
 
 
-def write_fgnet(root: Path, rng: np.random.Generator, n_subjects: int = 20) -> None:
+def write_fgnet(root: Path, rng: np.random.Generator, n_subjects: int = 12) -> None:
     """``images/NNNAxx.JPG`` with ``points/nnnaxx.pts`` landmarks, ages 0..69 per subject."""
     shots = []  # (subject, age, identity)
     for subject in range(1, n_subjects + 1):
@@ -265,7 +265,7 @@ def _adience_face(rng: np.random.Generator, root: Path, user: str, face_id: int,
     return "\t".join(map(str, (user, original, face_id, label, gender, *box, *pose)))
 
 
-def write_adience(root: Path, rng: np.random.Generator, users_per_fold: int = 6,
+def write_adience(root: Path, rng: np.random.Generator, users_per_fold: int = 4,
                   rows_per_user: int = 10) -> None:
     """``fold_k_data.txt`` label files and ``faces/<user>/coarse_tilt_aligned_face.*`` crops.
 

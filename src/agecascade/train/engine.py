@@ -1,7 +1,8 @@
 """The epoch loop in the torchvision-references manner: `train_one_epoch`, `evaluate`, `fit`.
 
-`fit` writes ``last.pt`` after every epoch (atomically), and starts from it when it exists, so a
-run killed at any moment resumes from its last finished epoch. All randomness is drawn from
+`fit` writes ``last.pt`` after every epoch but the last (atomically), and starts from it when it
+exists, so a run killed at any moment resumes from its last finished epoch (killed after the last
+one, it trains that epoch again and ends the same). All randomness is drawn from
 generators seeded by (seed, epoch) plus the saved global torch RNG state, so on the CPU a
 resumed run ends with exactly the metrics of an uninterrupted one.
 """
@@ -162,10 +163,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
             best = metrics["val_mae"]
             _save_atomic({"model": model.state_dict(), "meta": meta, "epoch": epoch,
                           "metrics": metrics}, best_path)
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "epoch": epoch, "history": history, "best_val_mae": best,
-                      "meta": meta, "config": asdict(config)}, last)
+        if epoch + 1 < config.epochs:  # after the last epoch a rerun needs no resume point
+            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "epoch": epoch, "history": history, "best_val_mae": best,
+                          "meta": meta, "config": asdict(config)}, last)
         print(f"epoch {epoch + 1}/{config.epochs}  " + "  ".join(
             f"{k} {v:.4g}" for k, v in metrics.items()))
         if on_epoch is not None:
