@@ -9,7 +9,7 @@ DATASETS := imdb agedb fgnet adience utkface
 
 # Every DVC stage is a new Python process: with PYTHONDONTWRITEBYTECODE set (some machines set
 # it) each one would recompile the ~2,000 modules torch, torchvision and MLflow import, 17 s a
-# stage instead of 7. The first stage writes the bytecode into .venv; the rest reuse it. This is
+# stage instead of 5. The first stage writes the bytecode into .venv; the rest reuse it. This is
 # cheaper than compiling all of .venv ahead (compileall: 48 s on 2 cores).
 unexport PYTHONDONTWRITEBYTECODE
 

@@ -42,8 +42,8 @@ class TrainConfig:
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
-    """The thesis's optimiser, with the fused kernel (CPU and CUDA): the default for-each Adam
-    costs as much as a VGG-16 forward and backward on 2 CPU cores, ten times the fused step."""
+    """The thesis's optimiser, with the fused kernel (CPU and CUDA): on 2 CPU cores one step over
+    65M weights (five stacked VGG-16 heads) took 0.55 s for-each and 0.05 s fused."""
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
