@@ -66,7 +66,8 @@ def plain_loop(model, crops, labels, batch, steps, device, workers) -> float:
 def ours(model, crops, labels, batch, steps, device, workers, size) -> float:
     rows = np.arange(len(labels))
     loader = make_loader(crops, labels, rows, batch, True, 0, workers, device.type == "cuda")
-    config = TrainConfig(batch_size=batch, input_size=size, max_train_batches=1)
+    config = TrainConfig(epochs=1, lr=1e-4, batch_size=batch, patience=5, input_size=size, seed=0,
+                         max_train_batches=1)
     optimizer = adam(model.parameters(), 1e-4)
     model.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     train_one_epoch(model, loader, optimizer, device, config, epoch=0)  # warm-up

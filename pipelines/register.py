@@ -5,7 +5,8 @@ least ``{"mae": float, "model": "path/to/model.pt", "backbone": str, "mode": str
 one is logged as an AgeEstimator pyfunc in a run of experiment ``registry`` and registered as a
 new version; the version that was champion becomes ``challenger``. Every run of this stage adds
 a version, so re-running it after a change of candidates keeps the previous winner one
-``agecascade promote`` away.
+``agecascade promote`` away. A winner whose identical model (same checkpoint, code and
+requirements) is already logged is linked to the run instead of stored again.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from agecascade.registry import CHALLENGER, CHAMPION, NAME, aliases, register
+from agecascade.errors import UserError
+from agecascade.registry import CHALLENGER, CHAMPION, EXPERIMENT, NAME, aliases, register
 
 REQUIRED = {"mae": (int, float), "model": str, "backbone": str, "mode": str}
 
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidate", type=Path, action="append", required=True,
                         help="FG-NET LOPO summary JSON (repeat for each candidate)")
     parser.add_argument("--name", default=NAME, help="registered model name")
-    parser.add_argument("--experiment", default="registry", help="MLflow experiment of the run")
+    parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment of the run")
     parser.add_argument("--out", type=Path, required=True, help="report JSON, e.g. "
                         "reports/registry.json")
 
@@ -33,17 +35,17 @@ def read_candidate(path: Path) -> dict:
     try:
         summary = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"candidate {path}: not JSON ({err})") from None
+        raise UserError(f"candidate {path}: not JSON ({err})") from None
     if not isinstance(summary, dict):
-        raise ValueError(f"candidate {path}: expected a JSON object, found "
+        raise UserError(f"candidate {path}: expected a JSON object, found "
                          f"{type(summary).__name__}")
     for key, kind in REQUIRED.items():
         value = summary.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"candidate {path}: {key!r} must be a "
+            raise UserError(f"candidate {path}: {key!r} must be a "
                              f"{'number' if key == 'mae' else 'string'}, found {value!r}")
     if not math.isfinite(summary["mae"]):
-        raise ValueError(f"candidate {path}: mae is {summary['mae']}")
+        raise UserError(f"candidate {path}: mae is {summary['mae']}")
     if not Path(summary["model"]).is_file():
         raise FileNotFoundError(f"candidate {path}: model {summary['model']} does not exist")
     return {**summary, "mae": float(summary["mae"]), "candidate": str(path)}
@@ -54,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from agecascade import tracking
-    from agecascade.serving import log_age_estimator
+    from agecascade.registry import link_twin
+    from agecascade.serving import log_age_estimator, model_digest
 
     candidates = [read_candidate(path) for path in args.candidate]
     best = min(candidates, key=lambda c: c["mae"])  # ties: the first listed
@@ -65,11 +68,14 @@ def main(args: argparse.Namespace) -> int:
         mlflow.set_tags(tags)
         mlflow.log_metric("fgnet_mae", best["mae"])
         mlflow.log_text(pd.DataFrame(candidates).to_csv(index=False), "candidates.csv")
-        info = log_age_estimator(Path(best["model"]))
-    version = register(info.model_uri, args.name, tags)
+        checkpoint = Path(best["model"])
+        model = (link_twin(run.info.run_id, model_digest(checkpoint))
+                 or log_age_estimator(checkpoint))
+    version = register(model.model_uri, args.name, tags)
     report = {"name": args.name, "version": version, "alias": CHAMPION,
               CHALLENGER: aliases(args.name).get(CHALLENGER), "run_id": run.info.run_id,
-              "model_uri": f"models:/{args.name}/{version}", "chosen": best,
+              "model_uri": f"models:/{args.name}/{version}", "logged_model": model.model_uri,
+              "logged_by_run": model.source_run_id, "chosen": best,
               "candidates": candidates}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

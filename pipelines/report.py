@@ -1,9 +1,11 @@
-"""Stage `report`: the thesis's tables, filled in from this run, beside the published numbers.
+"""Stage `report`: the thesis's tables, filled in from this run, beside their trivial baselines
+and the published numbers.
 
 Reads the outputs of the other stages by their DVC paths (models/<backbone>/fgnet_<mode>/,
 models/<backbone>/adience/, models/<backbone>/features/, reports/registry.json, prepared/) and
 writes reports/summary.md, reports/metrics.json (headline numbers for `dvc metrics show`),
-reports/age_bands.csv and the figures in reports/figures/.
+reports/age_bands.csv and the figures in reports/figures/. The tables themselves are
+``agecascade.evaluation.report``'s; this module reads, writes and logs.
 """
 from __future__ import annotations
 
@@ -14,29 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agecascade.evaluation import report, thesis
 from agecascade.evaluation.analysis import (band_confusion, band_names, cumulative_age_png,
-                                            fold_mae_png, mae_by_band, worst_subjects)
-from agecascade.evaluation.classification import precision_recall
+                                            fold_mae_png)
 from agecascade.evaluation.plots import confusion_png
-
-MODE_NAMES = {"a": "pretrained, frozen", "b": "IMDB", "c": "IMDB-AgeDB"}
-THESIS_NAMES = {"vgg16": "VGG-16", "resnet50": "ResNet-50", "senet50": "SENet-50"}
-# Thesis table 4: MAE, median AE, upper and lower quartile on FG-NET (mode a = "-Faces2").
-THESIS_TABLE4 = {("resnet50", "a"): (12.28, 12.02, 14.43, 10.18),
-                 ("senet50", "a"): (8.61, 7.21, 10.13, 5.95),
-                 ("vgg16", "a"): (4.78, 4.24, 5.54, 3.06),
-                 ("resnet50", "b"): (4.33, 3.46, 5.12, 2.71),
-                 ("senet50", "b"): (4.24, 3.20, 5.17, 2.28),
-                 ("vgg16", "b"): (2.77, 2.34, 3.47, 1.54),
-                 ("vgg16", "c"): (2.68, 2.24, 3.35, 1.58)}
-# Thesis table 5 (VGG-16 only): (extractor, feature set) -> (MAE, R^2).
-THESIS_TABLE5 = {("base", "last_conv_max"): (5.05, 0.40), ("cascade", "last_conv_max"): (3.98, 0.45),
-                 ("base", "first_conv"): (9.68, -1.43), ("cascade", "first_conv"): (9.53, -1.40),
-                 ("cascade", "last_conv_flat"): (9.98, -1.52)}
-THESIS_ADIENCE = {"exact_acc": (61.41, 4.37), "one_off_acc": (87.80, 2.22)}
-# Thesis table 6: 3-group confusion on Adience fold 1 (rows true, columns predicted).
-THESIS_TABLE6 = np.array([[1646, 12, 9], [12, 36, 104], [66, 143, 2362]])
-GROUPS3 = ["0-12", "15-20", "25-100"]
+from agecascade.features.engines import make_folds
+from agecascade.train.data import split_groups
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,145 +45,110 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _md(frame: pd.DataFrame) -> str:
-    """A pipe table without the `tabulate` dependency."""
-    cells = [[str(c) for c in frame.columns]] + [[_cell(v) for v in row] for row in frame.to_numpy()]
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    return "\n".join([lines[0], "|" + "---|" * len(frame.columns), *lines[1:]])
+def features_baseline(results: dict, manifest_folder: Path) -> float:
+    """The median predictor's MAE on the features stage's own folds (rebuilt as it built them)."""
+    manifest = pd.read_parquet(manifest_folder / "manifest.parquet")
+    k = 0 if results["folds"]["scheme"] == "leave-one-subject-out" else results["folds"]["n_folds"]
+    folds = make_folds(split_groups(manifest).to_numpy(dtype=str), k)
+    ages = manifest["age"].to_numpy(dtype=float)
+    return float(np.abs(report.median_baseline(ages, folds) - ages).mean())
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "–" if np.isnan(value) else f"{value:.2f}"
-    return "–" if value is None else str(value)
-
-
-def table4(args: argparse.Namespace) -> tuple[pd.DataFrame, dict, dict[str, pd.DataFrame]]:
-    rows, fold_mae, predictions = [], {}, {}
-    for backbone in args.backbones:
-        for mode in args.modes:
-            folder = args.models / backbone / f"fgnet_{mode}"
-            m = _read_json(folder / "metrics.json")
-            label = f"{THESIS_NAMES.get(backbone, backbone)}-{MODE_NAMES[mode]}"
-            paper = THESIS_TABLE4.get((backbone, mode), (np.nan,) * 4)
-            rows.append({"model": label, "mode": mode, "MAE": m["mae"], "MedianAE": m["median_ae"],
-                         "fold MAE Q3": m["fold_mae_upper_quartile"],
-                         "fold MAE Q1": m["fold_mae_lower_quartile"],
-                         "95% CI": f"{m['mae_ci95_low']:.2f}-{m['mae_ci95_high']:.2f}",
-                         "thesis MAE": paper[0], "thesis MedianAE": paper[1],
-                         "thesis Q3": paper[2], "thesis Q1": paper[3]})
-            fold_mae[f"{backbone}-{mode}"] = pd.read_csv(folder / "folds.csv")["mae"].to_numpy()
-            predictions[f"{backbone}-{mode}"] = pd.read_csv(folder / "predictions.csv",
-                                                            dtype={"subject": str})
-    return pd.DataFrame(rows), fold_mae, predictions
-
-
-def table5(args: argparse.Namespace) -> pd.DataFrame:
-    rows = []
-    for backbone in args.features_backbones:
-        results = _read_json(args.models / backbone / "features" / "results.json")
-        for r in results["rows"]:
-            paper = THESIS_TABLE5.get((r["extractor"], r["feature_set"]), (np.nan, np.nan)) \
-                if backbone == "vgg16" else (np.nan, np.nan)
-            rows.append({"backbone": backbone, "extractor": r["extractor"],
-                         "features": r["feature_set"], "engine": r["engine"],
-                         "MAE": r["mae"] if r["status"] == "ok" else np.nan,
-                         "R²": r["r2"] if r["status"] == "ok" else np.nan,
-                         "status": r["status"] if r["status"] == "ok" else
-                         f"{r['status']}: {r.get('reason') or ''}".strip(),
-                         "thesis MAE": paper[0], "thesis R²": paper[1]})
-    return pd.DataFrame(rows)
-
-
-def adience(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    rows, groups3 = [], {}
-    for backbone in args.backbones:
-        folder = args.models / backbone / "adience"
-        m = _read_json(folder / "metrics.json")
-        rows.append({"backbone": backbone, "exact acc %": 100 * m["exact_acc"],
-                     "± std": 100 * m["exact_acc_std"], "1-off acc %": 100 * m["one_off_acc"],
-                     "± std ": 100 * m["one_off_acc_std"],
-                     "minors (0-12) recall %": 100 * m["minors_recall"],
-                     "minors precision %": 100 * m["minors_precision"],
-                     "thesis exact": "61.41 ± 4.37", "thesis 1-off": "87.80 ± 2.22"})
-        matrix = folder / "confusion_g3.csv"
-        if matrix.is_file():
-            groups3[backbone] = pd.read_csv(matrix, index_col=0)
-    return pd.DataFrame(rows), groups3
-
-
-def confusion_with_scores(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Counts (rows true, columns predicted) plus per-class precision and recall, as table 6."""
-    precision, recall = precision_recall(matrix)
-    frame = pd.DataFrame(np.asarray(matrix).astype(int), columns=[f"pred {c}" for c in classes])
-    frame.insert(0, "true", classes)
-    frame["precision"], frame["recall"] = precision, recall
-    return frame
+def label_table(prepared: Path, datasets: list[str]) -> tuple[pd.DataFrame, dict]:
+    ages, rows = {}, []
+    for name in datasets:
+        manifest = pd.read_parquet(prepared / name / "manifest.parquet", columns=["age", "age_group"])
+        if manifest["age"].notna().any():
+            ages[name] = manifest["age"].dropna().to_numpy()
+            rows.append({"dataset": name, "faces": len(manifest),
+                         "median age": float(np.median(ages[name])),
+                         "share under 20 %": 100 * float((ages[name] < 20).mean()),
+                         "share 50+ %": 100 * float((ages[name] >= 50).mean())})
+        else:
+            counts = manifest["age_group"].value_counts()
+            rows.append({"dataset": name, "faces": len(manifest),
+                         "median age": f"groups: {', '.join(f'{g} {n}' for g, n in counts.items())}",
+                         "share under 20 %": np.nan, "share 50+ %": np.nan})
+    return pd.DataFrame(rows), ages
 
 
 def main(args: argparse.Namespace) -> int:
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    t4, fold_mae, predictions = table4(args)
-    t5 = table5(args)
-    adience_table, groups3 = adience(args)
+    md = report.markdown
+    runs = {}
+    for backbone in args.backbones:
+        for mode in args.modes:
+            folder = args.models / backbone / f"fgnet_{mode}"
+            runs[backbone, mode] = (_read_json(folder / "metrics.json"),
+                                    pd.read_csv(folder / "predictions.csv", dtype={"subject": str}))
+    t4 = report.fgnet_table(runs)
+    t5 = pd.concat([report.features_table(b, results, features_baseline(results, args.prepared / "fgnet"))
+                    for b in args.features_backbones
+                    for results in [_read_json(args.models / b / "features" / "results.json")]],
+                   ignore_index=True)
+    adience = {b: _read_json(args.models / b / "adience" / "metrics.json") for b in args.backbones}
     registry = _read_json(args.registry) if args.registry.is_file() else None
 
-    best_key = min(predictions, key=lambda k: t4.loc[list(predictions).index(k), "MAE"])
-    best = predictions[best_key]
-    bands = mae_by_band(best)
+    best_index = int(t4["MAE"].idxmin())
+    best_key = list(runs)[best_index]
+    best_name = f"{best_key[0]}-{best_key[1]}"
+    best = runs[best_key][1]
+    bands = report.band_table(best)
     bands.to_csv(args.out / "age_bands.csv", index=False)
-    worst = worst_subjects(best, args.worst)
+    worst = report.worst_table(best, args.worst)
     worst_rows = best[best["subject"].isin(worst["subject"])]
     confusion_png(band_confusion(worst_rows), band_names(), figures / "worst_subjects_confusion.png",
-                  f"FG-NET, {best_key}: the {args.worst} worst subjects (age bands)")
-    fold_mae_png(fold_mae, figures / "fgnet_fold_mae.png")
-    ages, label_rows = {}, []
-    for name in args.datasets:
-        manifest = pd.read_parquet(args.prepared / name / "manifest.parquet",
-                                   columns=["age", "age_group"])
-        if manifest["age"].notna().any():
-            ages[name] = manifest["age"].dropna().to_numpy()
-            label_rows.append({"dataset": name, "faces": len(manifest),
-                               "median age": float(np.median(ages[name])),
-                               "share under 20 %": 100 * float((ages[name] < 20).mean()),
-                               "share 50+ %": 100 * float((ages[name] >= 50).mean())})
-        else:
-            counts = manifest["age_group"].value_counts()
-            label_rows.append({"dataset": name, "faces": len(manifest),
-                               "median age": f"groups: {', '.join(f'{g} {n}' for g, n in counts.items())}",
-                               "share under 20 %": np.nan, "share 50+ %": np.nan})
+                  f"FG-NET, {best_name}: the {args.worst} worst subjects (age bands)")
+    fold_mae_png({f"{b}-{m}": pd.read_csv(args.models / b / f"fgnet_{m}" / "folds.csv")["mae"]
+                  .to_numpy() for b, m in runs}, figures / "fgnet_fold_mae.png")
+    labels, ages = label_table(args.prepared, args.datasets)
     cumulative_age_png(ages, figures / "age_cdf.png")
 
-    best_row = t4.loc[t4["MAE"].idxmin()]
-    headline = {"fgnet_best_mae": float(best_row["MAE"]), "fgnet_best_model": best_row["model"],
-                "adience_best_exact_acc": float(adience_table["exact acc %"].max()),
-                "adience_best_one_off_acc": float(adience_table["1-off acc %"].max()),
-                "adience_best_minors_recall": float(adience_table["minors (0-12) recall %"].max())}
+    adience_table = report.adience_table(adience)
+    headline = {"fgnet_best_mae": float(t4.loc[best_index, "MAE"]),
+                "fgnet_best_model": str(t4.loc[best_index, "model"]),
+                "fgnet_best_median_predictor_mae": float(t4.loc[best_index, "median predictor MAE"]),
+                "adience_best_exact_acc": 100 * max(m["exact_acc"] for m in adience.values()),
+                "adience_best_one_off_acc": 100 * max(m["one_off_acc"] for m in adience.values()),
+                "adience_best_minors_recall": 100 * max(m["minors_recall"] for m in adience.values())}
     (args.out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
 
     parts = ["# agecascade: results of this run beside König (2019)\n",
              "Every number comes from this run's DVC outputs; the thesis's published figures are in "
-             "the `thesis` columns (on the real datasets; a demo run uses synthetic faces).\n",
+             "the `thesis` columns (on the real datasets; a demo run uses synthetic faces). Beside "
+             "each result is the score of a predictor that learnt nothing of the faces: the "
+             "*median predictor* (the median age of the training subjects) for an MAE, the "
+             "*majority class* (the commonest group of the training folds) for an accuracy, both "
+             "computed per fold from the training side only.\n",
              "## Table 4: FG-NET leave-one-person-out (MAE in years)\n",
              "Mode a: the pretrained network frozen, a classifier trained per fold; b: fine-tuned on "
              "IMDB; c: IMDB then AgeDB; b and c are fine-tuned again per fold. MAE and MedianAE are "
              "over all images; the quartiles are of the per-subject (fold) MAE; the 95% interval is "
-             "around the MAE, from the spread of the errors.\n", _md(t4),
+             "around the MAE, from the spread of the errors.\n", md(t4),
              "\n![per-fold MAE](figures/fgnet_fold_mae.png)\n",
              "## Table 5: regression on CNN features (FG-NET)\n",
              "Extractor `base` is the starting network, `cascade` the IMDB -> AgeDB model; the "
-             "thesis ran auto-sklearn on VGG-16 only.\n", _md(t5),
-             "\n## Adience, 5 folds (8 groups)\n", _md(adience_table)]
-    for backbone, matrix in groups3.items():
-        parts += [f"\n### 3 groups (child / teen / adult), {backbone}, all test folds pooled\n",
-                  _md(confusion_with_scores(matrix.to_numpy(), GROUPS3))]
-    parts += ["\nThesis table 6 (fold 1):\n", _md(confusion_with_scores(THESIS_TABLE6, GROUPS3)),
-              f"\n## Error analysis ({best_key}, the lowest FG-NET MAE)\n",
-              "MAE per true-age band:\n", _md(bands),
-              f"\nThe {args.worst} subjects with the largest fold MAE:\n", _md(worst),
+             "thesis ran auto-sklearn on VGG-16 only. The median predictor uses the same folds.\n",
+             md(t5),
+             "\n## Adience, 5 folds\n",
+             "Accuracy in %, mean ± std over the test folds. `3 groups` is a separate network per "
+             "fold (child / teen / adult); `8 groups merged to 3` reads the 8-group predictions as "
+             "the 3 groups.\n", md(adience_table),
+             "\nMinors (0-12), all test folds pooled:\n", md(report.minors_table(adience))]
+    for backbone in args.backbones:
+        matrix = args.models / backbone / "adience" / "confusion_g3.csv"
+        if matrix.is_file():
+            parts += [f"\n### 3 groups (child / teen / adult), {backbone}, all test folds pooled\n",
+                      md(report.confusion_with_scores(pd.read_csv(matrix, index_col=0).to_numpy(),
+                                                      report.GROUPS3))]
+    parts += ["\nThesis table 6 (fold 1):\n",
+              md(report.confusion_with_scores(thesis.TABLE6, report.GROUPS3)),
+              f"\n## Error analysis ({best_name}, the lowest FG-NET MAE)\n",
+              "MAE per true-age band:\n", md(bands),
+              f"\nThe {args.worst} subjects with the largest fold MAE:\n", md(worst),
               "\n![worst subjects](figures/worst_subjects_confusion.png)\n",
-              "\nLabel distribution per dataset:\n", _md(pd.DataFrame(label_rows)),
+              "\nLabel distribution per dataset:\n", md(labels),
               "\n![cumulative age distribution](figures/age_cdf.png)\n",
               "\n## Grad-CAM\n"]
     parts += [f"![{b}](cam/{b}.png)" for b in args.backbones]

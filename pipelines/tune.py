@@ -1,76 +1,63 @@
 """Stage `tune`: the thesis's lr x batch-size grid, one epoch per point, lowest val loss wins.
 
-An Optuna GridSampler walks the grid; the study lives in SQLite (OUT/optuna.db), so an
-interrupted search continues where it stopped. Each trial is a nested MLflow run. OUT/best.json
-holds the winner and is what the tuned stage reads (`agecascade train --hparams`).
+The grid, its resumable Optuna study and its settings live in ``agecascade.train.tune``; this
+module turns the command line into a ``TuneConfig`` (the grid, and the `train` options every
+point runs with, less those a point sets), walks the grid and logs it to MLflow unless
+--no-track: a parent run, and one nested run per trained point. The study sits in
+OUT/optuna.db, a `persist: true` out, so `dvc repro` keeps it and an interrupted grid resumes.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
-import shutil
+from dataclasses import asdict
+from pathlib import Path
 
-from agecascade.pipelines import train
+from agecascade import config as cli_config
+from agecascade.train.finetune import FinetuneConfig
+from agecascade.train.tune import POINT_SETTINGS, TuneConfig, run, study_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    train.add_arguments(parser)
-    parser.set_defaults(stage="tune")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.01, 0.001, 0.0001])
-    parser.add_argument("--batches", type=int, nargs="+", default=[12, 32, 48, 64])
+    cli_config.add_arguments(parser, FinetuneConfig, skip=POINT_SETTINGS)
+    cli_config.add_arguments(parser, TuneConfig, skip=("trial",))
+    parser.add_argument("--stage", default="tune", help="MLflow experiment")
+    parser.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
+def config_from(args: argparse.Namespace) -> TuneConfig:
+    return cli_config.from_args(TuneConfig, args,
+                                trial=cli_config.from_args(FinetuneConfig, args))
+
+
+def log_trial(lr: float, batch: int, summary: dict) -> None:
+    """A trained point as a run nested under the grid's."""
+    import mlflow
+
+    parent = mlflow.active_run().info
+    with mlflow.start_run(run_name=f"lr={lr:g} batch={batch}",
+                          experiment_id=parent.experiment_id, nested=True):
+        mlflow.log_params({"lr": lr, "batch": batch})
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
 
 
 def main(args: argparse.Namespace) -> int:
-    import optuna
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    space = {"lr": sorted(set(args.lrs)), "batch": sorted(set(args.batches))}
-    study = optuna.create_study(
-        study_name=f"{args.backbone}-{args.manifest.name}", direction="minimize",
-        storage=f"sqlite:///{(args.out / 'optuna.db').resolve()}", load_if_exists=True,
-        sampler=optuna.samplers.GridSampler(space, seed=args.seed))
-    track = not args.no_track
-
-    def objective(trial: "optuna.Trial") -> float:
-        trial_args = copy.copy(args)
-        trial_args.lr = trial.suggest_categorical("lr", space["lr"])
-        trial_args.batch = trial.suggest_categorical("batch", space["batch"])
-        trial_args.epochs, trial_args.hparams = 1, None
-        trial_args.out = args.out / "trials" / f"{trial.number:03d}"
-        summary, _ = train.run(trial_args, None)
-        shutil.rmtree(trial_args.out)  # a trial's weights are not worth keeping
-        loss = summary["val_loss"]
-        if track:
-            import mlflow
-
-            parent = mlflow.active_run().info
-            with mlflow.start_run(run_name=f"lr={trial_args.lr:g} batch={trial_args.batch}",
-                                  experiment_id=parent.experiment_id, nested=True):
-                mlflow.log_params({"lr": trial_args.lr, "batch": trial_args.batch})
-                mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
-        return loss if math.isfinite(loss) else math.inf
-
-    n_grid = len(space["lr"]) * len(space["batch"])
-    remaining = n_grid - len([t for t in study.trials if t.state.is_finished()])
-    if track:
+    config = config_from(args)
+    if args.no_track:
+        best = run(config)
+    else:
         from agecascade import tracking
 
-        tags = {"backbone": args.backbone, "stage": args.stage, "mode": args.mode,
-                "dataset": args.manifest.name, "pretrained": args.pretrained}
-        params = {"lrs": str(space["lr"]), "batches": str(space["batch"]),
-                  "max_train_batches": args.max_train_batches, "input_size": args.input_size}
-        with tracking.tracked_run(args.stage, f"{args.backbone}-grid", args.out, tags, params):
-            study.optimize(objective, n_trials=max(remaining, 0))
-            best = {**study.best_params, "val_loss": study.best_value}
+        trial = config.trial
+        tags = {"backbone": trial.backbone, "stage": args.stage, "mode": trial.mode,
+                "dataset": trial.manifest.name, "pretrained": trial.pretrained}
+        params = {k: str(v) if isinstance(v, Path) or v is None else v
+                  for k, v in asdict(trial).items() if k not in POINT_SETTINGS}
+        params |= {"lrs": str(list(config.lrs)), "batches": str(list(config.batches)),
+                   "study": study_name(config)}
+        with tracking.tracked_run(args.stage, f"{trial.backbone}-grid", config.out, tags, params):
+            best = run(config, log_trial)
             tracking.log_epoch(0, {"best_val_loss": best["val_loss"], "best_lr": best["lr"],
                                    "best_batch": best["batch"]})
-    else:
-        study.optimize(objective, n_trials=max(remaining, 0))
-        best = {**study.best_params, "val_loss": study.best_value}
-    shutil.rmtree(args.out / "trials", ignore_errors=True)
-    (args.out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
-    print(f"best of {n_grid}: lr {best['lr']:g}, batch {best['batch']} "
-          f"(val loss {best['val_loss']:.4f}) -> {args.out / 'best.json'}")
+    print(f"best of {len(config.grid())}: lr {best['lr']:g}, batch {best['batch']} "
+          f"(val loss {best['val_loss']:.4f}) -> {config.out / 'best.json'}")
     return 0

@@ -3,6 +3,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# For every test, as for a cautious user: a logged model that needs pickle to load then fails the
+# suite instead of passing quietly (MLflow reads the variable at each load).
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
 import numpy as np
 import pytest
 from PIL import Image

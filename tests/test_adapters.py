@@ -1,53 +1,19 @@
 """Each adapter on generated fixtures in its native layout: labels, boxes, and drop counts."""
 from __future__ import annotations
 
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 
 from agecascade.data.adapters import read_adience, read_agedb, read_fgnet, read_imdb_wiki, read_utkface
 from agecascade.data.adapters.imdb import age_at_photo
-from agecascade.data.manifest import DatasetLayoutError
+from agecascade.data.manifest import DatasetLayoutError, path_below_root
 from conftest import write_image
+from imdb_files import datenum, write_imdb
 
 
 # --- IMDB-WIKI ----------------------------------------------------------------------------
-
-def datenum(year: int, month: int, day: int) -> float:
-    return float(date(year, month, day).toordinal() + 366)
-
-
-def write_imdb(root: Path, rows: list[dict]) -> None:
-    """imdb.mat the way the official file is laid out: one 1x1 struct of 1xN fields."""
-    crop = root / "imdb_crop"
-    n = len(rows)
-
-    def cells(values):
-        out = np.empty((1, n), dtype=object)
-        for i, v in enumerate(values):
-            out[0, i] = v
-        return out
-
-    for row in rows:
-        if row.get("write", True):
-            write_image(crop / row["path"])
-    struct = {
-        "dob": np.array([[r["dob"] for r in rows]]),
-        "photo_taken": np.array([[r["taken"] for r in rows]], dtype=float),
-        "full_path": cells([r["path"] for r in rows]),
-        "gender": np.array([[r.get("gender", 1.0) for r in rows]]),
-        "name": cells([r.get("name", "Some Body") for r in rows]),
-        "face_location": cells([np.array([[11.0, 21.0, 61.0, 71.0]]) for _ in rows]),
-        "face_score": np.array([[r.get("score", 3.0) for r in rows]]),
-        "second_face_score": np.array([[r.get("second", np.nan) for r in rows]]),
-        "celeb_names": cells(["Some Body"] * n),
-        "celeb_id": np.array([[float(i % 3) for i in range(n)]]),
-    }
-    scipy.io.savemat(crop / "imdb.mat", {"imdb": struct}, format="5")
-
 
 def test_imdb_age_uses_the_mid_year_convention():
     assert age_at_photo(datenum(1970, 3, 1), 2000) == 30.0   # born before July: full year
@@ -80,6 +46,22 @@ def test_imdb_cleaning_rules_each_count_their_drops(tmp_path):
     # face_location is MATLAB 1-based: [11 21 61 71] -> 0-based (10, 20, 60, 70)
     assert manifest.loc[0, ["x0", "y0", "x1", "y1"]].tolist() == [10.0, 20.0, 60.0, 70.0]
     assert set(manifest["box_source"]) == {"metadata"}
+
+
+def test_imdb_paths_leaving_the_root_are_dropped_unread(tmp_path):
+    root = tmp_path / "imdb"
+    write_image(tmp_path / "secret.jpg")  # outside the dataset root: must never be read
+    ok = {"dob": datenum(1970, 1, 1), "taken": 2000}
+    rows = [{**ok, "path": "01/a.jpg"},
+            {**ok, "path": "../../secret.jpg", "write": False},
+            {**ok, "path": str(tmp_path / "secret.jpg"), "write": False},
+            {**ok, "path": "01/../01/a.jpg", "write": False}]  # climbs back in: allowed
+    write_imdb(root, rows)
+    manifest, report = read_imdb_wiki(root, "imdb")
+    assert manifest["path"].tolist() == ["imdb_crop/01/a.jpg", "imdb_crop/01/a.jpg"]
+    assert dict(report.dropped) == {"path_outside_root": 2}
+    assert [d["path"] for d in report.dropped_files] == [
+        "imdb_crop/../../secret.jpg", f"imdb_crop/{tmp_path / 'secret.jpg'}"]
 
 
 def test_imdb_without_mat_is_a_layout_error(tmp_path):
@@ -165,6 +147,33 @@ def test_adience_keeps_canonical_groups_and_counts_every_other_row(tmp_path):
                                     "age_missing": 1, "row_malformed": 1, "image_missing": 1}
     assert report.input_rows == len(manifest) + report.n_dropped == 10
     assert report.warnings["fold_file_missing"] == 3
+
+
+def test_adience_user_id_climbing_out_of_the_root_is_dropped(tmp_path):
+    root = tmp_path / "adience"
+    lines = [adience_row("u1@N0", "a.jpg", 1, "(25, 32)"),
+             adience_row("../..", "secret.jpg", 2, "(25, 32)"),
+             adience_row("/etc", "passwd", 3, "(25, 32)")]
+    root.mkdir()
+    (root / "fold_0_data.txt").write_text("\n".join([HEADER, *lines]) + "\n")
+    write_image(root / "faces" / "u1@N0" / "coarse_tilt_aligned_face.1.a.jpg")
+    write_image(tmp_path / "coarse_tilt_aligned_face.2.secret.jpg")  # where ../.. points
+    manifest, report = read_adience(root)
+    assert manifest["path"].tolist() == ["faces/u1@N0/coarse_tilt_aligned_face.1.a.jpg"]
+    assert dict(report.dropped) == {"path_outside_root": 2}
+
+
+@pytest.mark.parametrize("parts, expected", [
+    (("faces", "u1", "x.jpg"), "faces/u1/x.jpg"),
+    (("imdb_crop", "01/./x.jpg"), "imdb_crop/01/x.jpg"),
+    (("imdb_crop", "../x.jpg"), "x.jpg"),            # still below the root
+    (("imdb_crop", "../../x.jpg"), None),
+    (("faces", "..", "..", "x.jpg"), None),
+    (("imdb_crop", "/etc/passwd"), None),
+    (("faces", "u1", "a/../../../../x"), None),
+])
+def test_path_below_root(parts, expected):
+    assert path_below_root(*parts) == expected
 
 
 # --- UTKFace ------------------------------------------------------------------------------

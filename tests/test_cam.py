@@ -1,7 +1,10 @@
-"""Grad-CAM of the DEX age at 32 px: the target, the maps per backbone, hooks, the figure stage."""
+"""Grad-CAM of the DEX age at 32 px: the target, the maps per backbone, hooks, the figure, its
+config and stage."""
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,22 +14,27 @@ import pytest
 import torch
 from PIL import Image
 
+from agecascade import cli
+from agecascade.config import from_args
 from agecascade.data.manifest import make_row, to_frame
 from agecascade.data.store import CROPS, MANIFEST, create_store
+from agecascade.errors import UserError
 from agecascade.explain.cam import (CELL_PX, TITLE_PX, DexAgeTarget, cam_maps, predict_ages,
                                     target_layer)
+from agecascade.explain.figure import BEFORE, CamConfig, run, spread_over_ages
 from agecascade.nets import create_model, dex_age, freeze_features
 from agecascade.pipelines import cam as stage
 from agecascade.train.data import IMAGENET, to_input
 
 SIZE = 32
 AGES = [10.0, 30.0, 50.0]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """32 px batches gain nothing from threads, and on a busy shared CPU OpenMP's waiting
-    threads made these tests some 50x slower."""
+    threads slow these tests down many times over."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -87,7 +95,7 @@ def test_the_last_block_is_1x1_at_32_px_so_an_earlier_one_is_explained():
     assert target_layer(model, SIZE)[0] == "features.layer3"  # 2x2 at 32 px
     assert target_layer(model, 224)[0] == model.cam_layer_name == "features.layer4"  # 7x7
     assert target_layer(network("vgg16"), SIZE)[0] == "features.conv.29"  # conv5_3's ReLU
-    with pytest.raises(ValueError, match="no block before it reaches 64x64"):
+    with pytest.raises(UserError, match="no block before it reaches 64x64"):
         target_layer(model, SIZE, min_side=64)
 
 
@@ -161,36 +169,105 @@ def test_stage_writes_a_png_of_the_fixed_grid_size(prepared, tmp_path):
     args = stage_args("--manifest", str(folder), "--images", "4", "--backbone", "resnet18",
                       "--model", f"A={first}", "--model", f"A-B={second}", "--device", "cpu",
                       "--out", str(out), "--no-track")
-    shown = stage.run(args)
+    shown = run(from_args(CamConfig, args))
     with Image.open(out) as figure:
         assert figure.format == "PNG"
         assert figure.size == (4 * CELL_PX, 4 * (CELL_PX + TITLE_PX))  # face + before + A + A-B
     assert shown["true_ages"] == [3.0, 25.0, 55.0, 70.0]  # nearest to 3, 25.3, 47.7, 70
-    assert [c["title"] for c in shown["columns"]] == [stage.BEFORE, "A", "A-B"]
+    assert [c["title"] for c in shown["columns"]] == [BEFORE, "A", "A-B"]
+    assert shown["dataset"] == "toy"
     assert {c["layer"] for c in shown["columns"]} == {"features.layer3"}
 
 
 def test_faces_are_spread_over_ages_whatever_the_row_order(prepared):
     manifest = pd.read_parquet(prepared[0] / MANIFEST)
-    rows = stage.spread_over_ages(manifest, 3, prepared[0])
+    rows = spread_over_ages(manifest, 3, prepared[0])
     assert manifest["age"].iloc[rows].tolist() == [3.0, 33.0, 70.0]  # 3, 36.5, 70 asked
     shuffled = manifest.sample(frac=1.0, random_state=0).reset_index(drop=True)
-    again = stage.spread_over_ages(shuffled, 3, prepared[0])
+    again = spread_over_ages(shuffled, 3, prepared[0])
     assert shuffled["path"].iloc[again].tolist() == manifest["path"].iloc[rows].tolist()
-    twins = stage.spread_over_ages(manifest, 10, prepared[0])  # both 25-year-olds, smaller path first
+    twins = spread_over_ages(manifest, 10, prepared[0])  # both 25-year-olds, smaller path first
     assert sorted(manifest["path"].iloc[twins]) == sorted(manifest["path"])
-    with pytest.raises(ValueError, match="--images 11: .* has 10 faces with an age"):
-        stage.spread_over_ages(manifest, 11, prepared[0])
+    with pytest.raises(UserError, match="--images 11: .* has 10 faces with an age"):
+        spread_over_ages(manifest, 11, prepared[0])
 
 
 def test_stage_refuses_bad_models(prepared, tmp_path):
     folder, first, _ = prepared
     common = ("--manifest", str(folder), "--out", str(tmp_path / "x.png"), "--no-track",
               "--device", "cpu")
-    with pytest.raises(ValueError, match="expected TITLE=PATH"):
+    with pytest.raises(UserError, match="expected TITLE=PATH"):
         stage.main(stage_args(*common, "--backbone", "resnet18", "--model", str(first)))
-    with pytest.raises(ValueError, match="no file"):
+    with pytest.raises(UserError, match="no file"):
         stage.main(stage_args(*common, "--backbone", "resnet18", "--model", "A=missing.pt"))
-    with pytest.raises(ValueError, match="builds mobilenet_v2, but .* is a resnet18"):
+    with pytest.raises(UserError, match="builds mobilenet_v2, but .* is a resnet18"):
         stage.main(stage_args(*common, "--backbone", "mobilenet_v2", "--model", f"A={first}"))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_tracked_stage_logs_the_figure_and_what_it_shows(prepared, tmp_path, monkeypatch):
+    import mlflow
+
+    folder, first, second = prepared
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "resnet18.png"
+    assert stage.main(stage_args("--manifest", str(folder), "--images", "2", "--backbone",
+                                 "resnet18", "--model", f"A={first}", "--model", f"B={second}",
+                                 "--device", "cpu", "--out", str(out))) == 0
+    mlflow.set_tracking_uri(uri)
+    (logged,) = mlflow.search_runs(experiment_names=["cam"], output_format="list")
+    assert logged.info.run_name == "resnet18-toy" and logged.data.tags["dataset"] == "toy"
+    assert logged.data.params["models"] == f"A={first};B={second}"
+    assert logged.data.params["input_size"] == str(SIZE)
+    assert logged.data.params["cam_layer"] == "features.layer3"
+    client = mlflow.MlflowClient()
+    assert {f.path for f in client.list_artifacts(logged.info.run_id)} == {"resnet18.png", "cam.json"}
+    shown = json.loads(Path(client.download_artifacts(logged.info.run_id, "cam.json",
+                                                      str(tmp_path))).read_text())
+    assert [c["title"] for c in shown["columns"]] == [BEFORE, "A", "B"]
+
+
+# --- the config -------------------------------------------------------------------------------
+
+REQUIRED = {"manifest": Path("fgnet"), "model": ("A=a.pt",), "backbone": "resnet18",
+            "out": Path("cam.png")}
+
+
+def test_parser_defaults_are_the_configs():
+    """A default set in argparse alone, or a list or path lost in conversion, would differ."""
+    args = stage_args("--manifest", "fgnet", "--model", "A=a.pt", "--backbone", "resnet18",
+                      "--out", "cam.png")
+    assert from_args(CamConfig, args) == CamConfig(**REQUIRED)
+
+
+def test_dvc_yaml_command_keeps_every_model_column():
+    """dvc.yaml names the columns with --model twice: both must arrive, in order (an option
+    taking a list would keep only the last), with the params DVC resolves."""
+    import yaml
+    from dvc.repo import Repo
+
+    (cmd,) = [s.cmd for s in Repo(str(REPO)).index.stages if s.addressing == "cam@vgg16"]
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["agecascade", "cam"], cmd
+    config = from_args(CamConfig, cli.build_parser("cam").parse_args(argv[1:]))
+    assert config.columns == [("IMDB", Path("models/vgg16/imdb/model.pt")),
+                              ("IMDB-AgeDB", Path("models/vgg16/agedb/model.pt"))]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert (config.images, config.min_map_side) == (params["cam"]["images"],
+                                                    params["cam"]["min_map_side"])
+    assert (config.backbone, config.seed) == ("vgg16", params["train"]["seed"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": ()}, "at least one checkpoint"),
+    ({"model": ("A=a.pt", "b.pt")}, "'b.pt': expected TITLE=PATH"),
+    ({"images": 0}, "--images and --min-map-side must be >= 1"),
+    ({"min_map_side": 0}, "--images and --min-map-side must be >= 1"),
+    ({"input_size": -1}, "--input-size >= 0"),
+    ({"pretrained": "faces"}, "--pretrained 'faces'"),
+])
+def test_bad_settings_are_refused_when_the_config_is_built(change, message):
+    with pytest.raises(UserError, match=message):
+        CamConfig(**(REQUIRED | change))

@@ -1,9 +1,11 @@
-"""Regression on CNN features: extraction, folds, the three engines, the stage, auto-sklearn's env."""
+"""Regression on CNN features: extraction, folds, the three engines, the config, the stage,
+auto-sklearn's env."""
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,13 +14,17 @@ import pandas as pd
 import pytest
 import torch
 
+from agecascade import cli
+from agecascade.config import from_args
 from agecascade.data.manifest import make_row, to_frame
 from agecascade.data.store import CROPS, MANIFEST, create_store
+from agecascade.errors import UserError
 from agecascade.features import automl_env
-from agecascade.features.engines import EngineConfig, make_folds, run_engines, score
+from agecascade.features.engines import ENGINES, EngineConfig, make_folds, run_engines, score
 from agecascade.features.extract import extract_features, first_conv
+from agecascade.features.protocol import FeaturesConfig, extractors, parse_plan, write_outputs
 from agecascade.nets import create_model
-from agecascade.pipelines import features
+from agecascade.pipelines import features as stage
 from agecascade.train.data import IMAGENET
 
 SIZE = 32
@@ -62,11 +68,15 @@ def stage_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return write_store(root / "fgnet"), write_checkpoint(root / "agedb" / "model.pt")
 
 
-def stage_args(manifest: Path, model: Path, out: Path, *extra: str) -> argparse.Namespace:
+def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    features.add_arguments(parser)
-    return parser.parse_args(["--manifest", str(manifest), "--model", str(model), "--out", str(out),
-                              "--folds", "3", "--budget", "1", "--device", "cpu", *extra])
+    stage.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def stage_args(manifest: Path, model: Path, out: Path, *extra: str) -> argparse.Namespace:
+    return parse("--manifest", str(manifest), "--model", str(model), "--out", str(out),
+                 "--folds", "3", "--budget", "1", "--device", "cpu", *extra)
 
 
 def synthetic(n_subjects: int = 20, per_subject: int = 6, seed: int = 0):
@@ -134,14 +144,16 @@ def test_folds_never_split_a_subject():
 
 
 def test_plan_expands_sets_to_both_extractors_and_names_bad_entries():
-    plan = features.parse_plan(["hgb", "flaml=last_conv_max", "autosklearn=cascade.first_conv"])
+    plan = parse_plan(["hgb", "flaml=last_conv_max", "autosklearn=cascade.first_conv"])
     assert len(plan["hgb"]) == 6
     assert plan["flaml"] == ["base.last_conv_max", "cascade.last_conv_max"]
     assert plan["autosklearn"] == ["cascade.first_conv"]
-    with pytest.raises(ValueError, match="unknown engine 'xgb'"):
-        features.parse_plan(["xgb"])
-    with pytest.raises(ValueError, match="unknown feature set 'fc7'"):
-        features.parse_plan(["hgb=fc7"])
+    with pytest.raises(UserError, match="unknown engine 'xgb'"):
+        parse_plan(["xgb"])
+    with pytest.raises(UserError, match="unknown feature set 'fc7'"):
+        parse_plan(["hgb=fc7"])
+    with pytest.raises(UserError, match="names 'hgb' twice"):
+        parse_plan(["hgb", "hgb=first_conv"])
 
 
 def test_hgb_and_flaml_learn_a_synthetic_age(tmp_path, monkeypatch):
@@ -208,6 +220,63 @@ def test_worker_imports_nothing_of_agecascade():
                         "autosklearn", "sklearn"}, imported
 
 
+# --- the config -----------------------------------------------------------------------------
+
+REQUIRED = {"manifest": Path("fgnet"), "model": Path("agedb/model.pt"), "out": Path("out")}
+
+
+def test_parser_defaults_are_the_configs():
+    """A default set in argparse alone, or a list or path lost in conversion, would differ."""
+    args = parse(*(word for name, value in REQUIRED.items() for word in (f"--{name}", str(value))))
+    assert from_args(FeaturesConfig, args) == FeaturesConfig(**REQUIRED)
+    assert FeaturesConfig(**REQUIRED).engines == ENGINES
+
+
+def test_dvc_yaml_command_parses_into_the_params():
+    """The stage's command as DVC resolves it from params.yaml: every option still exists, and
+    the list-valued --engines arrives whole."""
+    import yaml
+    from dvc.repo import Repo
+
+    (cmd,) = [s.cmd for s in Repo(str(REPO)).index.stages if s.addressing == "features"]
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["agecascade", "features"], cmd
+    config = from_args(FeaturesConfig, cli.build_parser("features").parse_args(argv[1:]))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    wanted = params["features"]
+    assert config.engines == tuple(wanted["engines"].split())
+    assert (config.folds, config.budget, config.autosklearn_budget, config.jobs, config.threads) \
+        == (wanted["folds"], wanted["budget"], wanted["autosklearn_budget"], wanted["jobs"],
+            wanted["threads"])
+    assert (config.seed, config.base_weights) == (params["train"]["seed"], wanted["weights"])
+    assert config.model == Path(f"models/{wanted['backbone']}/agedb/model.pt")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budget": 0.0, "engines": ("hgb",)}, "--budget must be > 0"),
+    ({"jobs": 0}, "--jobs and --threads >= 1"),
+    ({"engines": ("autosklearn",), "budget": 10.0}, "auto-sklearn needs at least 30 s per fold"),
+    ({"engines": ("hgb=fc7",)}, "unknown feature set 'fc7'"),
+    ({"folds": 1}, "--folds 1"),
+    ({"batch": 0}, "--batch and --memory-mb >= 1"),
+    ({"base_pretrained": "faces"}, "--base-pretrained 'faces'"),
+])
+def test_bad_settings_are_refused_when_the_config_is_built(change, message):
+    with pytest.raises(UserError, match=message):
+        FeaturesConfig(**REQUIRED, **change)
+
+
+def test_autosklearns_budget_floor_binds_only_a_plan_with_autosklearn():
+    assert FeaturesConfig(**REQUIRED, engines=("hgb", "flaml"), budget=10.0).budget == 10.0
+
+
+def test_cli_reports_a_bad_setting_in_one_line(capsys):
+    code = cli.main(["features", "--manifest", "m", "--model", "x.pt", "--out", "o",
+                     "--engines", "xgb"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "unknown engine 'xgb'" in err, err
+
+
 # --- the stage ------------------------------------------------------------------------------
 
 def test_stage_without_autosklearn_reports_it_unavailable_and_runs_the_rest(
@@ -220,7 +289,7 @@ def test_stage_without_autosklearn_reports_it_unavailable_and_runs_the_rest(
                       "--autosklearn-env", str(tmp_path / "no-env"), "--engines",
                       "hgb=last_conv_max,cascade.first_conv", "flaml=cascade.last_conv_max",
                       "autosklearn=cascade.last_conv_max")
-    assert features.main(args) == 0
+    assert stage.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     rows = {(r["extractor"], r["feature_set"], r["engine"]): r for r in results["rows"]}
     assert set(rows) == {("base", "last_conv_max", "hgb"), ("cascade", "last_conv_max", "hgb"),
@@ -249,15 +318,17 @@ def test_stage_without_autosklearn_reports_it_unavailable_and_runs_the_rest(
 
 def test_base_extractor_rebuilds_the_training_seeds_initial_weights(stage_inputs, tmp_path):
     manifest, model = stage_inputs
-    args = stage_args(manifest, model, tmp_path, "--seed", "7")
-    nets, _ = features.extractors(args, torch.device("cpu"), {"base", "cascade"})
+    config = from_args(FeaturesConfig, stage_args(manifest, model, tmp_path, "--seed", "7",
+                                                  "--engines", "hgb"))
+    nets, _ = extractors(config, torch.device("cpu"), {"base", "cascade"})
     torch.manual_seed(7)
     fresh = create_model("resnet18", 60)
     base = nets["base"][0].state_dict()
     assert all(torch.equal(base[k], v) for k, v in fresh.state_dict().items())
-    wrong = stage_args(manifest, model, tmp_path, "--base-backbone", "resnet34")
-    with pytest.raises(ValueError, match="cascade's own architecture"):
-        features.extractors(wrong, torch.device("cpu"), {"base"})
+    wrong = from_args(FeaturesConfig, stage_args(manifest, model, tmp_path, "--engines", "hgb",
+                                                 "--base-backbone", "resnet34"))
+    with pytest.raises(UserError, match="cascade's own architecture"):
+        extractors(wrong, torch.device("cpu"), {"base"})
 
 
 def test_tracked_stage_logs_scores_and_files_to_mlflow(stage_inputs, tmp_path, monkeypatch):
@@ -267,7 +338,7 @@ def test_tracked_stage_logs_scores_and_files_to_mlflow(stage_inputs, tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "out"
-    assert features.main(stage_args(manifest, model, out, "--engines", "hgb=cascade.last_conv_max")) == 0
+    assert stage.main(stage_args(manifest, model, out, "--engines", "hgb=cascade.last_conv_max")) == 0
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = mlflow.search_runs(experiment_names=["features"], output_format="list")
     assert run.data.tags["backbone"] == "resnet18" and run.info.run_name == "resnet18-features"
@@ -277,16 +348,35 @@ def test_tracked_stage_logs_scores_and_files_to_mlflow(stage_inputs, tmp_path, m
     assert {"results.json", "metrics.json", "folds.csv", "listings"} <= files
 
 
+def test_a_killed_write_leaves_the_old_results_whole(tmp_path, monkeypatch):
+    """DVC and the report take results.json and folds.csv as finished work: a kill while they
+    are written must leave the old files, never a half-written new one."""
+    import os
+
+    for name in ("results.json", "folds.csv"):
+        (tmp_path / name).write_text("old\n")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(tmp_path, {"rows": []}, [], np.zeros(0), np.zeros(0, dtype=np.int64))
+    monkeypatch.undo()
+    assert [(tmp_path / n).read_text() for n in ("results.json", "folds.csv")] == ["old\n"] * 2
+    assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left beside them
+
+
 @pytest.mark.skipif(not isinstance(automl_env.locate(ENV), Path),
                     reason=f"no auto-sklearn env at {ENV} (`agecascade automl-env` builds it)")
 def test_autosklearn_really_fits_every_fold(stage_inputs, tmp_path):
-    """About 40 s: two folds at auto-sklearn's minimum budget of 30 s, in parallel."""
+    """Slow: two folds at auto-sklearn's minimum budget of 30 s, run in parallel."""
     manifest, model = stage_inputs
     out = tmp_path / "out"
     args = stage_args(manifest, model, out, "--no-track", "--folds", "2", "--jobs", "2",
                       "--autosklearn-budget", "30", "--autosklearn-env", str(ENV),
                       "--engines", "autosklearn=cascade.last_conv_max")
-    assert features.main(args) == 0
+    assert stage.main(args) == 0
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["status"] == "ok", row["reason"]
     assert row["version"].startswith("auto-sklearn 0.15.0 (scikit-learn 0.24")

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from agecascade.data.imaging import BadImage, decode, orient_box, to_rgb
+from agecascade.cli import main
+from agecascade.data.imaging import BadImage, decode, orient_box, to_rgb, upright_rgb
+from agecascade.data.store import load_prepared
+from agecascade.serving import to_images
 from conftest import png_bomb, truncated_jpeg, write_image
 
 
@@ -94,3 +98,58 @@ def test_bomb_limit_is_a_parameter():
     with pytest.raises(BadImage, match="decompression_bomb"):
         decode(encode(image, "PNG"), "x.png", max_pixels=5_000)
     assert decode(encode(image, "PNG"), "x.png", max_pixels=10_000).image.size == (100, 100)
+
+
+def exif_rotated_jpeg(path: Path) -> Path:
+    """Noise stored sideways with EXIF orientation 6, as a phone writes a portrait photo."""
+    pixels = np.random.default_rng(4).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, "JPEG", quality=95, exif=exif)
+    return path
+
+
+def sixteen_bit_png(path: Path) -> Path:
+    """A 16-bit greyscale gradient; most values are above 255."""
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    Image.fromarray(ramp).save(path, "PNG")
+    return path
+
+
+@pytest.mark.parametrize("make", [exif_rotated_jpeg, sixteen_bit_png])
+def test_serving_sees_the_pixels_prepare_trained_on(tmp_path, make):
+    """The whole-image crop at the image's own size is its decoded pixels, so prepare's crop
+    and the serving model's input must be identical, byte for byte."""
+    (tmp_path / "utk").mkdir()
+    path = make(tmp_path / "utk" / "30_0_1_20170101000000001.jpg.chip.jpg")
+    assert main(["prepare", "utkface", "--root", str(path.parent), "--out", str(tmp_path / "out"),
+                 "--size", "48", "--box", "image", "--workers", "1"]) == 0
+    _, crops = load_prepared(tmp_path / "out")
+    served = to_images(Image.open(path))[0]
+    assert served.dtype == np.uint8 and np.array_equal(served, crops[0])
+    # The old serving conversion (no EXIF rotation, 16 bits clipped) fails this test.
+    assert not np.array_equal(served, np.asarray(Image.open(path).convert("RGB")))
+
+
+def paletted_with_transparency() -> Image.Image:
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    image.paste(1, (0, 0, 4, 8))
+    image.info["transparency"] = 0
+    return image
+
+
+@pytest.mark.parametrize("image, fmt", [
+    (paletted_with_transparency(), "PNG"),
+    (Image.new("LA", (8, 8), (200, 100)), "PNG"),
+    (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"),
+    (Image.new("1", (8, 8), 1), "PNG"),
+    (Image.fromarray(np.full((8, 8), 40000, np.uint16)), "PNG"),
+])
+def test_decode_and_upright_rgb_agree_on_every_mode(image, fmt):
+    """prepare decodes bytes, serving converts an opened image: the same function underneath."""
+    data = encode(image, fmt)
+    decoded = np.asarray(decode(data, f"x.{fmt.lower()}").image)
+    opened = np.asarray(upright_rgb(Image.open(io.BytesIO(data))))
+    assert decoded.shape == (8, 8, 3) and decoded.dtype == np.uint8
+    assert np.array_equal(decoded, opened)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,72 @@ def test_train_blocks_in_mode_a_is_refused(fgnet, init, tmp_path, capsys):
     assert main(lopo_args(fgnet, init, tmp_path / "out", "a", "--train-blocks", "2")) == 2
     assert "is for modes b and c" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_settings_key_follows_content_not_paths(fgnet, init, tmp_path):
+    from agecascade.evaluation.lopo import settings_key
+    from agecascade.train.cascade import read_init
+
+    config = LopoConfig(mode="b", epochs=1, batch_size=8, input_size=SIZE)
+    store = shutil.copytree(fgnet, tmp_path / "store")
+    moved = tmp_path / "elsewhere.pt"
+    shutil.copy(init, moved)
+    base = settings_key(config, fgnet, read_init(init))
+    assert settings_key(config, store, read_init(moved)) == base  # copies: the same content
+    assert settings_key(LopoConfig(mode="b", epochs=2, batch_size=8, input_size=SIZE), fgnet,
+                        read_init(init)) != base
+    changed = read_init(moved)
+    changed["model"]["features.conv1.weight"][0, 0, 0, 0] += 1.0
+    assert settings_key(config, fgnet, changed) != base
+    crops = np.load(store / CROPS, mmap_mode="r+")
+    crops[0, 0, 0, 0] ^= 1
+    crops.flush()
+    assert settings_key(config, store, read_init(init)) != base
+    # mode a starts from a backbone's pretrained weights: the choice and the file's content count
+    mode_a = LopoConfig(mode="a", epochs=1, batch_size=8, input_size=SIZE)
+    weights = tmp_path / "vggface2.pth"
+    weights.write_bytes(b"face weights")
+    plain = settings_key(mode_a, fgnet, None, "resnet18", "none")
+    face = settings_key(mode_a, fgnet, None, "resnet18", "vggface2", weights)
+    assert len({plain, face, settings_key(mode_a, fgnet, None, "resnet18", "imagenet")}) == 3
+    shutil.copy(weights, tmp_path / "copy.pth")
+    assert settings_key(mode_a, fgnet, None, "resnet18", "vggface2", tmp_path / "copy.pth") == face
+    weights.write_bytes(b"other face weights")
+    assert settings_key(mode_a, fgnet, None, "resnet18", "vggface2", weights) != face
+
+
+def test_a_fold_whose_csv_write_failed_is_trained_again(fgnet, tmp_path, monkeypatch):
+    """A fold file is whole or absent: a write cut short must not count as a finished fold."""
+    manifest, crops = load_prepared(fgnet)
+    space = LabelSpace(tuple(float(a) for a in range(100)))
+    config = LopoConfig(mode="a", epochs=1, batch_size=8, input_size=SIZE)
+    torch.manual_seed(0)
+    model = create_model("resnet18", space.size)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    real_to_csv = pd.DataFrame.to_csv
+    writes: list[str] = []
+
+    def cut_short(self, target=None, *args, **kwargs):
+        writes.append(str(getattr(target, "name", target)))
+        if len(writes) == 3:  # the third fold: half a file, then the disk is full
+            text = real_to_csv(self, None, *args, **kwargs)
+            handle = target if hasattr(target, "write") else open(target, "w")
+            handle.write(text[: len(text) // 2].encode() if "b" in getattr(handle, "mode", "")
+                         else text[: len(text) // 2])
+            handle.flush()
+            raise OSError("No space left on device")
+        return real_to_csv(self, target, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", cut_short)
+    with pytest.raises(OSError):
+        run_lopo(model, start, IMAGENET, space, manifest, crops, config, torch.device("cpu"),
+                 tmp_path, "key", None)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
+    assert len(list((tmp_path / lopo.FOLDS_DIR).glob("*.csv"))) == 2
+    retrained: list[str] = []
+    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config,
+                              torch.device("cpu"), tmp_path, "key",
+                              lambda subject, frame: retrained.append(subject))
+    subjects = sorted(predictions["subject"].unique())
+    assert retrained == subjects[2:]  # the cut-short fold among them
+    assert len(predictions) == SUBJECTS * 6 and predictions["path"].is_unique

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ def repro_once(tmp_path_factory) -> tuple[Path, str]:
     run(["git", "add", "-A"], clone)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"], clone)
     run(["agecascade", "demo-data", "--out", "data"], clone)
+    # as `make demo-data` does: refuses (no --force) unless the demo data hashes to data.dvc
+    run(["dvc", "commit", "data.dvc"], clone)
     return clone, run(["dvc", "repro"], clone)
 
 
@@ -60,6 +63,46 @@ def test_second_repro_is_a_no_op(repro_once):
     clone, _ = repro_once
     log = run(["dvc", "repro"], clone)
     assert "Running stage" not in log and "Data and pipelines are up to date." in log
+
+
+def test_status_is_clean_whatever_the_bytecode(repro_once):
+    """Bytecode is ignored (.dvcignore): written by pytest, deleted, or another Python's."""
+    clone, _ = repro_once
+    assert json.loads(run(["dvc", "status", "--json"], clone)) == {}
+    for folder in ("src/agecascade", "src/agecascade/nets", "pipelines"):
+        cache = clone / folder / "__pycache__"
+        cache.mkdir(exist_ok=True)
+        (cache / "stray.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    (clone / "src" / "agecascade" / "loose.pyc").write_bytes(b"\x00" * 16)
+    assert json.loads(run(["dvc", "status", "--json"], clone)) == {}
+    for cache in [*clone.glob("src/**/__pycache__"), *clone.glob("pipelines/**/__pycache__")]:
+        shutil.rmtree(cache)
+    (clone / "src" / "agecascade" / "loose.pyc").unlink()
+    assert json.loads(run(["dvc", "status", "--json"], clone)) == {}
+
+
+def lock_inputs(lock: Path) -> dict[str, dict]:
+    """stage -> {path: md5} of its data and code deps, and its params, from a dvc.lock."""
+    import yaml
+
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    return {name: {"deps": {d["path"]: d["md5"] for d in stage.get("deps", [])
+                            if d["path"].startswith(("data/", "src/", "pipelines/"))},
+                   "params": stage.get("params", {})}
+            for name, stage in stages.items()}
+
+
+def test_committed_lock_matches_a_fresh_run(repro_once):
+    """The committed dvc.lock records the code, data and params a fresh clone runs with, so a
+    user's `dvc status` on a checkout says what really changed."""
+    clone, _ = repro_once
+    committed, fresh = lock_inputs(REPO / "dvc.lock"), lock_inputs(clone / "dvc.lock")
+    stale = {name: sorted(path for path, md5 in inputs["deps"].items()
+                          if committed.get(name, {}).get("deps", {}).get(path) != md5)
+             for name, inputs in fresh.items()}
+    stale = {name: paths for name, paths in stale.items() if paths}
+    assert not stale, f"dvc.lock is stale (commit a fresh run's dvc.lock): {stale}"
+    assert {n: i["params"] for n, i in committed.items()} == {n: i["params"] for n, i in fresh.items()}
 
 
 def test_metrics_show_lists_the_drop_counts(repro_once):
@@ -131,3 +174,31 @@ def test_target_protocols_report_and_registry(repro_once):
         os.chdir(cwd)
     ages = model.predict(np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
     assert ages.shape == (4,) and np.all((ages >= 0) & (ages <= 101))
+
+
+def test_kill_9_under_dvc_resumes_and_ends_like_the_uninterrupted_run(repro_once):
+    """The issue's scenario: `dvc repro -s -f` killed after epoch 2 (DVC had already deleted
+    model.pt), then `dvc repro -s` resumes from last.pt and ends with the same metrics. Last in
+    this file: it adds MLflow runs that the tests above count."""
+    clone, _ = repro_once
+    stage, out = "finetune_imdb@resnet50", clone / "models" / "resnet50" / "imdb"
+    uninterrupted = json.loads((out / "metrics.json").read_text())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(["dvc", "repro", "-s", "-f", stage], cwd=clone, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch 2/"):
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert seen and seen[-1].startswith("epoch 2/"), "".join(seen)
+    log = run(["dvc", "repro", "-s", stage], clone)
+    assert "resuming from epoch 2" in log, log
+    retrained = [l for l in log.splitlines() if l.startswith(("epoch 1/", "epoch 2/"))]
+    assert not retrained  # finished epochs are not trained again
+    assert json.loads((out / "metrics.json").read_text()) == uninterrupted
+    assert not (out / "last.pt").exists()

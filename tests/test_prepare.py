@@ -1,7 +1,11 @@
 """`agecascade prepare` end to end: bad files are counted and named, the store matches the manifest."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +13,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
-from agecascade.cli import main
+import agecascade.data.cropper as cropper
+from agecascade import config as cli_config
+from agecascade.cli import build_parser, main
+from agecascade.data.cropper import CropJob, crop_file
+from agecascade.data.prepare import PrepareConfig, run
 from agecascade.data.store import create_store, load_prepared, shrink_store
-from conftest import write_image
+from agecascade.errors import UserError
+from conftest import REPO, write_image
+from imdb_files import datenum, write_imdb
+from prepare_hooks import DIE_MARK
+
+TESTS = Path(__file__).resolve().parent
+SETTINGS = PrepareConfig(dataset="agedb", root=Path("in"), out=Path("out")).crop_settings
 
 
 def run_prepare(dataset: str, root: Path, out: Path, *extra: str) -> int:
@@ -120,3 +135,179 @@ def test_unwritable_output_is_one_error_line(tmp_path, capsys):
     blocker.write_text("a file where the output folder should go")
     assert run_prepare("agedb", root, blocker / "out") == 2
     assert "error:" in capsys.readouterr().err
+
+
+# --- one bad file never stops the run; a dead worker stops it at once, with a clear error ---
+
+def test_any_exception_while_cropping_becomes_a_named_drop(tmp_path, monkeypatch):
+    def out_of_memory(*_args):
+        raise MemoryError("cannot allocate 9 GiB")
+
+    monkeypatch.setattr(cropper, "crop_face", out_of_memory)
+    result = crop_file(CropJob(str(write_image(tmp_path / "a.jpg")), None, None), SETTINGS)
+    assert result.reason == "processing_error" and result.crop is None
+    assert "MemoryError: cannot allocate 9 GiB" in result.detail and "test_prepare.py" in result.detail
+
+
+def test_one_file_failing_in_a_library_is_dropped_and_the_run_goes_on(tmp_path, monkeypatch):
+    root = tmp_path / "agedb"
+    for i, side in enumerate([60, 50, 70]):
+        write_image(root / f"{i}_Ann_{20 + i}_f.jpg", (side, side))
+    real_detect = cropper.detect_face
+
+    def detect(image):  # a detector bug that only one image triggers
+        if image.width == 50:
+            raise RuntimeError("dlib: unexpected image layout")
+        return real_detect(image)
+
+    monkeypatch.setattr(cropper, "detect_face", detect)
+    assert run_prepare("agedb", root, tmp_path / "out", "--workers", "1") == 0
+    counts = json.loads((tmp_path / "out" / "counts.json").read_text())
+    assert counts["kept"] == 2 and counts["dropped.processing_error"] == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["dropped_files"][0]["path"] == "1_Ann_21_f.jpg"
+    assert "RuntimeError: dlib: unexpected image layout" in report["dropped_files"][0]["detail"]
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "face.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    result = crop_file(CropJob(str(fifo), None, None), SETTINGS)
+    assert result.reason == "not_a_regular_file"
+
+
+def test_files_over_the_size_cap_are_dropped_unread(tmp_path):
+    root = tmp_path / "agedb"
+    big = write_image(root / "0_Ann_20_f.jpg", (200, 200), quality=100)   # noise: ~ 40 KB
+    small = root / "1_Ann_30_f.jpg"
+    Image.new("RGB", (32, 32), "grey").save(small)                        # ~ 0.6 KB
+    assert big.stat().st_size > 10_000 > small.stat().st_size
+    out = tmp_path / "out"
+    assert run_prepare("agedb", root, out, "--workers", "1", "--box", "image",
+                       "--max-file-mb", str(10_000 / 2**20)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(d["path"], d["reason"]) for d in report["dropped_files"]] == [(big.name, "file_too_large")]
+    assert report["kept"] == 1 and report["crops"]["max_file_bytes"] == 10_000
+
+
+@pytest.fixture
+def trap_folder(tmp_path: Path) -> Path:
+    """IMDB layout holding the issue's three traps beside four good rows: a face box of 1e5 px
+    on a 96 px image, a full_path climbing out of the root with ``../``, and a file whose name
+    makes the test hook's worker kill itself."""
+    root = tmp_path / "imdb"
+    write_image(tmp_path / "outside.jpg")  # the ``../`` row points here
+    ok = {"dob": datenum(1970, 1, 1), "taken": 2000}
+    rows = [{**ok, "path": f"01/good{i}.jpg"} for i in range(4)]
+    rows += [{**ok, "path": "02/absurd_box.jpg", "box": (1.0, 1.0, 1e5, 1e5)},
+             {**ok, "path": "../../outside.jpg", "write": False},
+             {**ok, "path": f"03/{DIE_MARK}.jpg"}]
+    write_imdb(root, rows)
+    return root
+
+
+def test_trap_folder_completes_with_every_trap_named(trap_folder, tmp_path):
+    """Before: the absurd box raised DecompressionBombError in a worker and killed the run."""
+    out = tmp_path / "out"
+    assert run_prepare("imdb", trap_folder, out, "--workers", "2") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"] == {"path_outside_root": 1}
+    assert report["dropped_files"][0]["path"] == "imdb_crop/../../outside.jpg"
+    unusable = [d["path"] for d in report["warning_files"] if d["reason"] == "dataset_box_unusable"]
+    assert unusable == ["imdb_crop/02/absurd_box.jpg"]
+    manifest, crops = load_prepared(out)
+    assert len(manifest) == len(crops) == 6
+    absurd = manifest.set_index("path").loc["imdb_crop/02/absurd_box.jpg"]
+    assert absurd["box_source"] != "metadata" and absurd["x1"] <= 96
+
+
+def run_with_dying_worker(*argv: str) -> subprocess.CompletedProcess:
+    """The CLI with the test hook's crop function; a hang fails the test by timing out."""
+    code = "import prepare_hooks; prepare_hooks.run()"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          env=env, timeout=180)
+
+
+def test_a_worker_killed_by_a_signal_ends_the_run_with_a_clear_error(trap_folder, tmp_path):
+    """Before: the spawn pool's imap waited forever for the dead worker's results."""
+    out = tmp_path / "out"
+    proc = run_with_dying_worker("prepare", "imdb", "--root", str(trap_folder), "--out", str(out),
+                                 "--size", "32", "--workers", "2")
+    assert proc.returncode == 2, proc.stderr
+    assert "worker process died" in proc.stderr and "SIGKILL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(out.iterdir()) == []  # not even the half-filled crop store
+
+
+def test_a_failed_rerun_leaves_the_previous_outputs_as_they_were(trap_folder, tmp_path):
+    """Before: the rerun opened crops.npy in place, so the old manifest described new crops."""
+    out = tmp_path / "out"
+    run(PrepareConfig(dataset="imdb", root=trap_folder, out=out, size=32, workers=1))
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert set(before) == {"manifest.parquet", "crops.npy", "report.json", "counts.json"}
+    proc = run_with_dying_worker("prepare", "imdb", "--root", str(trap_folder), "--out", str(out),
+                                 "--size", "48", "--workers", "2")
+    assert proc.returncode == 2 and "worker process died" in proc.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+# --- settings: one frozen dataclass holds them; the command line is built from it -------------
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, PrepareConfig]:
+    args = build_parser("prepare").parse_args(argv)
+    return args, cli_config.from_args(PrepareConfig, args)
+
+
+def test_parser_defaults_are_the_config_defaults():
+    args, config = parse(["prepare", "fgnet", "--root", "r", "--out", "o"])
+    fields = dataclasses.fields(PrepareConfig)
+    assert {f.name for f in fields} <= set(vars(args))  # every setting has its option
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    assert {name: getattr(config, name) for name in defaults} == defaults
+    assert (config.dataset, config.root, config.out) == ("fgnet", Path("r"), Path("o"))
+
+
+def test_dvc_command_for_fgnet_parses_into_the_params():
+    """The command as DVC resolves it, against params.yaml: a setting that dvc.yaml forgets to
+    pass, or passes under another name, fails here."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        commands = {stage.addressing: stage.cmd for stage in repo.index.stages}
+    argv = shlex.split(commands["prepare@fgnet"])
+    assert argv[0] == "agecascade"
+    _, config = parse(argv[1:])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["prepare"]
+    shared = {name: value for name, value in params.items() if name != "datasets"}
+    assert {name: getattr(config, name) for name in shared} == shared
+    item = params["datasets"]["fgnet"]
+    assert config.root == Path("data", item["root"])
+    assert {name: getattr(config, name) for name in item if name != "root"} == \
+        {name: value for name, value in item.items() if name != "root"}
+    assert (config.dataset, config.out) == ("fgnet", Path("prepared/fgnet"))
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--size", "4", "--size 4"), ("--margin", "3", "--margin 3.0"),
+    ("--margin", "nan", "--margin nan"), ("--workers", "0", "--workers 0"),
+    ("--max-pixels", "0", "--max-pixels 0"), ("--max-file-mb", "0", "--max-file-mb 0.0"),
+    ("--max-file-mb", "inf", "--max-file-mb inf"),
+])
+def test_a_bad_value_is_one_line_naming_it_and_exit_2(tmp_path, capsys, flag, value, named):
+    root = tmp_path / "agedb"
+    write_image(root / "0_Ann_20_f.jpg")
+    assert run_prepare("agedb", root, tmp_path / "out", flag, value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agecascade prepare: error: ") and err.count("\n") == 1
+    assert named in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_config_names_every_bad_setting_at_once():
+    with pytest.raises(UserError) as caught:
+        PrepareConfig(dataset="celeba", root=Path("r"), out=Path("o"), size=4, box="face")
+    text = str(caught.value)
+    assert "dataset 'celeba'" in text and "--size 4" in text and "--box 'face'" in text
+    assert "--margin" not in text and "\n" not in text
+

@@ -1,16 +1,23 @@
 """The AgeEstimator pyfunc, the champion/challenger registry and the `register` stage.
 
 One sqlite tracking store per module (logging a model takes seconds); each test registers under
-its own model name so the tests do not see each other's versions.
+its own model name so the tests do not see each other's versions. conftest.py forbids pickle
+(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false), so every load here also checks that. A test that
+takes a by-reference model's checkpoint away puts it back, so every logged model still loads.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,14 +26,18 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from agecascade import tracking
 from agecascade.nets import create_model
+from agecascade.errors import UserError
 from agecascade.nets.checkpoint import load_checkpoint
 from agecascade.pipelines import register as register_stage
-from agecascade.registry import aliases, promote, register
-from agecascade.serving import AgeEstimator, as_batch, log_age_estimator
+from agecascade.registry import (aliases, checkpoint_reference, promote, register,
+                                 run_estimator)
+from agecascade.serving import (AgeEstimator, CheckpointRef, as_batch, dvc_cache_object,
+                                log_age_estimator, model_digest)
 from agecascade.train.data import IMAGENET, make_loader
 from agecascade.train.engine import predict
 
@@ -68,7 +79,8 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 def estimator(store) -> AgeEstimator:
     """The pyfunc's Python model loaded straight from a checkpoint, without MLflow in between."""
     model = AgeEstimator()
-    model.load_context(SimpleNamespace(artifacts={"checkpoint": str(store.checkpoints[0])}))
+    model.load_context(SimpleNamespace(artifacts={"checkpoint": str(store.checkpoints[0])},
+                                       model_config=None))
     return model
 
 
@@ -192,16 +204,23 @@ def write_candidate(path: Path, **summary) -> Path:
     return path
 
 
-def test_register_stage_crowns_the_lowest_mae(store):
+def logged_models(root: Path) -> list[Path]:
+    """The MLmodel file of every model stored under ``root``'s mlruns/."""
+    return sorted(root.glob("mlruns/*/models/*/artifacts/MLmodel"))
+
+
+def test_register_stage_crowns_the_lowest_mae_and_stores_each_model_once(store):
     root, (first, second) = store.root, store.checkpoints
+    third = write_checkpoint(root / "model2.pt", seed=2)  # no run has logged this one yet
     files = [write_candidate(root / "a.json", mae=6.1, model=str(first), backbone="vgg16",
                              mode="b", n=82),
-             write_candidate(root / "b.json", mae=4.2, model=str(second), backbone="resnet50",
+             write_candidate(root / "b.json", mae=4.2, model=str(third), backbone="resnet50",
                              mode="c", n=82),
-             write_candidate(root / "c.json", mae=5.0, model=str(first), backbone="senet50",
+             write_candidate(root / "c.json", mae=5.0, model=str(second), backbone="senet50",
                              mode="a", n=82)]
     out = root / "reports" / "registry.json"
     argv = [a for f in files for a in ("--candidate", str(f))]
+    before = logged_models(root)
     assert register_stage.main(stage_args(argv + ["--name", "t-stage", "--out", str(out)])) == 0
 
     report = json.loads(out.read_text())
@@ -209,14 +228,29 @@ def test_register_stage_crowns_the_lowest_mae(store):
     assert (report["version"], report["alias"], report["challenger"]) == (1, "champion", None)
     assert report["model_uri"] == "models:/t-stage/1"
     assert [c["mae"] for c in report["candidates"]] == [6.1, 4.2, 5.0]
+    assert report["logged_by_run"] == report["run_id"]  # a new checkpoint: logged by this run
+    assert len(logged_models(root)) == len(before) + 1
     run = mlflow.get_run(report["run_id"])
     assert run.data.tags["backbone"] == "resnet50" and run.data.tags["mode"] == "c"
-    assert run.data.tags["source_model"] == str(second) and "git_commit" in run.data.tags
+    assert run.data.tags["source_model"] == str(third) and "git_commit" in run.data.tags
     assert run.data.metrics["fgnet_mae"] == 4.2
     table = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/candidates.csv").splitlines()
     assert table[0].startswith("mae,model,backbone,mode") and len(table) == 4
     champion = mlflow.MlflowClient().get_model_version_by_alias("t-stage", "champion")
     assert champion.run_id == report["run_id"] and champion.tags["fgnet_mae"] == "4.2000"
+
+    # the same winner again (DVC reruns the stage when another candidate changes): a new
+    # version and run, but the model the first run logged, not a second copy of it
+    files[0] = write_candidate(root / "a.json", mae=6.3, model=str(first), backbone="vgg16",
+                               mode="b", n=82)
+    assert register_stage.main(stage_args(argv + ["--name", "t-stage", "--out", str(out)])) == 0
+    again = json.loads(out.read_text())
+    assert (again["version"], again["challenger"]) == (2, 1)
+    assert again["run_id"] != report["run_id"]
+    assert (again["logged_model"], again["logged_by_run"]) == (report["logged_model"],
+                                                               report["run_id"])
+    assert len(logged_models(root)) == len(before) + 1
+    assert promote("t-stage", run_id=again["run_id"]) == 2  # the linked model is the run's
 
 
 @pytest.mark.parametrize("summary, error, message", [
@@ -261,3 +295,286 @@ def test_logged_model_loads_without_the_repository(store):
     assert done.returncode == 0, done.stderr[-2000:]
     outside = json.loads(done.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(outside, checkpoint_ages(store.checkpoints[1], batch), atol=1e-4)
+
+
+def test_model_digest_covers_checkpoint_code_and_requirements(store, tmp_path, monkeypatch):
+    import agecascade
+    from agecascade import serving
+
+    checkpoint = store.checkpoints[0]
+    digest = model_digest(checkpoint)
+    assert model_digest(shutil.copy(checkpoint, tmp_path / "copy.pt")) == digest  # bytes only
+    assert model_digest(store.checkpoints[1]) != digest
+
+    package = Path(shutil.copytree(Path(agecascade.__file__).parent, tmp_path / "agecascade"))
+    monkeypatch.setattr(agecascade, "__file__", str(package / "__init__.py"))
+    assert model_digest(checkpoint) == digest
+    with (package / "serving.py").open("a") as code:
+        code.write("# a change to the code the model carries\n")
+    assert model_digest(checkpoint) != digest
+    monkeypatch.setattr(agecascade, "__file__", str(Path(serving.__file__).parent / "__init__.py"))
+    monkeypatch.setattr(serving, "requirements", lambda: ["torch==0.0.1"])
+    assert model_digest(checkpoint) != digest
+
+
+def test_every_logged_model_is_code_only_and_loads_without_pickle(store):
+    """No MLmodel names pickle, and each is MLflow's models-from-code pyfunc: its loader runs
+    the logged code, and the checkpoint is read with torch.load(weights_only=True)."""
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    found = logged_models(store.root)
+    assert len(found) >= len(store.uris)
+    batch = faces(2, (32, 32), seed=4)
+    for mlmodel in found:
+        text = mlmodel.read_text()
+        assert "pickle" not in text, mlmodel
+        flavors = yaml.safe_load(text)["flavors"]
+        assert list(flavors) == ["python_function"], mlmodel
+        pyfunc = flavors["python_function"]
+        assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+        assert "model_code_path" in pyfunc and "python_model" not in pyfunc
+        model_id = mlmodel.parent.parent.name
+        ages = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(batch)
+        assert ages.shape == (2,) and np.isfinite(ages).all()
+
+
+def test_a_moved_checkout_still_opens_its_runs_and_models(tmp_path):
+    """A project folder copied elsewhere, the original deleted: a fresh interpreter in the copy
+    lists and reads a run's files and loads the champion (a self-contained copy) and the run's
+    own model (by reference to the checkout's model.pt, by a path relative to the checkout)."""
+    first = tmp_path / "first"
+    first.mkdir()
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{first / 'mlflow.db'}")
+        patch.chdir(first)
+        checkpoint = write_checkpoint(first / "model.pt", seed=5)
+        with mlflow.start_run(experiment_id=tracking.experiment_id("moved")) as run:
+            mlflow.log_text("kept", "notes.txt")
+            log_age_estimator(Path("model.pt"), by_reference=True)  # as a DVC stage logs it
+        promote("t-moved", run_id=run.info.run_id)
+    mlflow.set_tracking_uri(previous_uri)
+    moved = Path(shutil.copytree(first, tmp_path / "moved"))
+    shutil.rmtree(first)
+    with sqlite3.connect(moved / "mlflow.db") as db:
+        assert str(first) not in "\n".join(db.iterdump())  # no path pins the old folder
+
+    batch = faces(3, (40, 40), seed=6)
+    np.save(moved / "batch.npy", batch)
+    script = textwrap.dedent(f"""
+        import json, mlflow, numpy as np
+        mlflow.set_tracking_uri("sqlite:///mlflow.db")
+        batch, run = np.load("batch.npy"), "{run.info.run_id}"
+        ages = lambda uri: mlflow.pyfunc.load_model(uri).predict(batch).tolist()
+        print(json.dumps({{
+            "files": [f.path for f in mlflow.MlflowClient().list_artifacts(run)],
+            "notes": mlflow.artifacts.load_text(f"runs:/{{run}}/notes.txt"),
+            "champion": ages("models:/t-moved@champion"), "run": ages(f"runs:/{{run}}/model"),
+        }}))
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=moved, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["files"] == ["notes.txt"] and seen["notes"] == "kept"
+    expected = checkpoint_ages(moved / checkpoint.name, batch)
+    np.testing.assert_allclose(seen["champion"], expected, atol=1e-4)
+    np.testing.assert_allclose(seen["run"], expected, atol=1e-4)
+
+
+def dvc(cwd: Path, *args: str) -> None:
+    """Run DVC's own command line, so the tests check its cache layout, not our idea of it."""
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(store) -> Path:
+    """The store's folder as a DVC repository (no git), its cache in the default .dvc/cache."""
+    dvc(store.root, "init", "--no-scm", "-q")
+    return store.root
+
+
+def log_by_reference(store, relative: str, seed: int):
+    """A checkpoint written at ``relative`` in the working directory and logged by reference
+    by a run of its own, as a training stage under DVC does; (run id, model, checkpoint)."""
+    checkpoint = store.root / relative
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(checkpoint, seed)
+    with mlflow.start_run(experiment_id=tracking.experiment_id("by-reference")) as run:
+        model = log_age_estimator(Path(relative), by_reference=True)
+    return run.info.run_id, model, checkpoint
+
+
+def stored_files(root: Path, model_id: str) -> dict[str, int]:
+    """Bytes of each file a logged model keeps in mlruns/, by path inside its folder."""
+    (folder,) = root.glob(f"mlruns/*/models/{model_id}/artifacts")
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@contextmanager
+def set_aside(*paths: Path) -> Iterator[None]:
+    """Move ``paths`` away for the block and put them back after it, so the models of other
+    tests still load."""
+    kept = {path: path.with_name(path.name + ".aside") for path in paths if path.exists()}
+    for path, aside in kept.items():
+        os.replace(path, aside)
+    try:
+        yield
+    finally:
+        for path, aside in kept.items():
+            if path.is_dir():
+                shutil.rmtree(path)
+            os.replace(aside, path)
+
+
+def test_a_reference_names_the_workspace_path_even_through_a_symlink(tmp_path):
+    """With DVC's cache.type symlink a workspace file links into the cache: the reference
+    keeps the path a checkout has, not the cache object it happens to point at."""
+    cached = tmp_path / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    workspace = tmp_path / "models" / "x" / "model.pt"
+    workspace.parent.mkdir(parents=True)
+    workspace.symlink_to(cached)
+    assert CheckpointRef.of(workspace, tmp_path) == CheckpointRef(
+        "models/x/model.pt", hashlib.md5(b"weights").hexdigest(), 7)
+    with pytest.raises(UserError, match="outside the checkout"):
+        CheckpointRef.of(cached, tmp_path / "models")
+
+
+def test_a_by_reference_model_stores_no_weights_and_loads_from_the_workspace(store):
+    relative = "models/workspace/model.pt"
+    run_id, model, checkpoint = log_by_reference(store, relative, seed=3)
+    files = stored_files(store.root, model.model_id)
+    assert checkpoint.stat().st_size > 10 << 20  # a copy of it would show
+    assert max(files.values()) < 1 << 20, files  # the package's code and a small example
+    assert not any(name.endswith(".pt") for name in files)
+    (mlmodel,) = store.root.glob(f"mlruns/*/models/{model.model_id}/artifacts/MLmodel")
+    assert "pickle" not in mlmodel.read_text()
+    assert checkpoint_reference(model.model_uri) == {
+        "path": relative, "md5": md5_of(checkpoint), "size": checkpoint.stat().st_size}
+    batch = faces(3, (40, 40), seed=10)
+    ages = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(batch)
+    np.testing.assert_allclose(ages, checkpoint_ages(checkpoint, batch), atol=1e-4)
+    with pytest.raises(UserError, match="cannot be a registered version"):
+        register(model.model_uri, "t-by-reference")  # the registry holds self-contained models
+
+
+@pytest.mark.parametrize("cache", ["default", "configured"])
+def test_a_by_reference_model_falls_back_to_the_dvc_cache(store, dvc_repo, cache):
+    """The workspace file is retrained (other weights): the model loads the bytes it was
+    logged with from DVC's cache, put there by `dvc add` into .dvc/cache or into the cache
+    directory that `dvc cache dir --local` configured."""
+    relative = f"models/cache-{cache}/model.pt"
+    _, model, checkpoint = log_by_reference(store, relative, seed=4)
+    batch = faces(3, (40, 40), seed=11)
+    logged_ages, md5 = checkpoint_ages(checkpoint, batch), md5_of(checkpoint)
+    folder = dvc_repo / (".dvc/cache" if cache == "default" else "cache-elsewhere")
+    try:
+        if cache == "configured":
+            dvc(dvc_repo, "cache", "dir", "--local", "cache-elsewhere")
+        dvc(dvc_repo, "add", "-q", relative)
+        cached = folder / "files" / "md5" / md5[:2] / md5[2:]
+        assert cached.is_file() and dvc_cache_object(dvc_repo, md5).resolve() == cached
+        with set_aside(checkpoint):
+            write_checkpoint(checkpoint, seed=5)
+            ages = mlflow.pyfunc.load_model(model.model_uri).predict(batch)
+            np.testing.assert_allclose(ages, logged_ages, atol=1e-4)
+            assert not np.allclose(ages, checkpoint_ages(checkpoint, batch), atol=1e-2)
+    finally:
+        (dvc_repo / ".dvc" / "config.local").unlink(missing_ok=True)
+
+
+def test_a_by_reference_model_without_its_bytes_fails_saying_how_to_get_them(store):
+    relative = "models/gone/model.pt"
+    run_id, model, checkpoint = log_by_reference(store, relative, seed=6)
+    md5 = md5_of(checkpoint)
+    cached = dvc_cache_object(store.root, md5)
+    with set_aside(checkpoint):
+        write_checkpoint(checkpoint, seed=7)  # the workspace file holds other weights
+        message = (rf"checkpoint {relative} \(md5 {md5}, \d+ bytes\).*workspace file holds other "
+                   rf"bytes.*cache object .*{md5[2:]} is missing.*`dvc checkout {relative}`.*"
+                   rf"`dvc pull {relative}`")
+        with pytest.raises(UserError, match=message):
+            mlflow.pyfunc.load_model(model.model_uri)
+        with pytest.raises(UserError, match=message):  # nothing is registered on the way
+            promote("t-gone", run_id=run_id)
+        assert not mlflow.MlflowClient().search_registered_models("name = 't-gone'")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(b"not the checkpoint")  # a damaged cache is refused too
+        try:
+            with pytest.raises(UserError, match=r"holds other bytes \(corrupt cache\)"):
+                mlflow.pyfunc.load_model(model.model_uri)
+        finally:
+            cached.unlink()
+
+
+def test_promoting_a_by_reference_run_registers_a_self_contained_copy(store):
+    """The copy is logged by a new run of experiment `registry` that names the training run,
+    serves with neither the workspace file nor DVC's cache, and is reused when the same run
+    is promoted again."""
+    relative = "models/promoted/model.pt"
+    run_id, model, checkpoint = log_by_reference(store, relative, seed=8)
+    batch = faces(3, (40, 40), seed=12)
+    expected, md5 = checkpoint_ages(checkpoint, batch), md5_of(checkpoint)
+    cached = dvc_cache_object(store.root, md5)  # what `dvc commit` leaves after the stage
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, cached)
+
+    assert promote("t-copy", run_id=run_id) == 1
+    version = mlflow.MlflowClient().get_model_version("t-copy", "1")
+    copy = mlflow.get_logged_model(mlflow.models.get_model_info(version.source).model_id)
+    assert checkpoint_reference(version.source) is None
+    size = checkpoint.stat().st_size
+    assert stored_files(store.root, copy.model_id)["artifacts/model.pt"] == size
+    assert copy.tags["agecascade_digest"] == model_digest(checkpoint)
+    copier = mlflow.get_run(copy.source_run_id)
+    assert copier.info.run_id != run_id
+    assert mlflow.get_experiment(copier.info.experiment_id).name == "registry"
+    assert (copier.data.tags["source_run_id"], copier.data.tags["source_model_id"],
+            copier.data.tags["source_model"], copier.data.tags["checkpoint_md5"]) == (
+                run_id, model.model_id, relative, md5)
+
+    models = logged_models(store.root)
+    assert promote("t-copy", run_id=run_id) == 1  # the copy is found, not stored again
+    assert logged_models(store.root) == models
+    assert aliases("t-copy") == {"champion": 1}
+
+    with set_aside(checkpoint, store.root / ".dvc" / "cache"):
+        with pytest.raises(UserError, match=f"md5 {md5}"):
+            mlflow.pyfunc.load_model(model.model_uri)
+        ages = mlflow.pyfunc.load_model("models:/t-copy@champion").predict(batch)
+    np.testing.assert_allclose(ages, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("under_dvc", [True, False])
+def test_log_final_refers_to_a_dvc_out_and_carries_anything_else(store, monkeypatch, tmp_path,
+                                                                  under_dvc):
+    """A stage's model.pt under `dvc repro` (DVC_STAGE set) is kept by DVC: referred to. Run by
+    hand, or outside the checkout, the checkpoint is the only copy: carried."""
+    out = store.root / "models" / f"final-{under_dvc}"
+    out.mkdir(parents=True)
+    write_checkpoint(out / "model.pt", seed=9)
+    (out / "metrics.json").write_text("{}")
+    (out / "history.csv").write_text("epoch,val_mae\n1,5.0\n")
+    if under_dvc:
+        monkeypatch.setenv("DVC_STAGE", "finetune_test")
+        assert not tracking.dvc_keeps(tmp_path / "model.pt")  # outside the working directory
+    else:
+        monkeypatch.delenv("DVC_STAGE", raising=False)
+    with mlflow.start_run(experiment_id=tracking.experiment_id("final")) as run:
+        tracking.log_final({"val_mae": 5.0}, out, None, 32)
+    model = run_estimator(mlflow.MlflowClient(), run.info.run_id)
+    reference = checkpoint_reference(model.model_uri)
+    if under_dvc:
+        assert reference["path"] == f"models/final-{under_dvc}/model.pt"
+    else:
+        assert reference is None
+        assert "artifacts/model.pt" in stored_files(store.root, model.model_id)

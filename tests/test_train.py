@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,26 +94,167 @@ def test_evaluate_scores_a_model_file(toy, tmp_path, capsys):
     assert scored["n"] == metrics["n_test"] and abs(scored["mae"] - metrics["test_mae"]) < 1e-4
 
 
-def test_kill_9_then_rerun_ends_exactly_like_an_uninterrupted_run(toy, tmp_path):
-    epochs = ["--epochs", "4"]
-    assert main(train_args(toy, tmp_path / "straight", *epochs)) == 0
+# A tiny run whose best epoch is the first and no later one beats it: lr 0.03 overshoots (on the
+# CPU, deterministic). So when a run is killed later, only last.pt can give model.pt back.
+TINY = ("--epochs", "3", "--max-train-batches", "2", "--batch", "16", "--lr", "0.03")
+
+
+class Killed(BaseException):
+    """Stands for kill -9 in-process: not an Exception, so nothing handles it as a failure."""
+
+
+def parse(argv: list[str]):
+    from agecascade.cli import build_parser
+
+    return build_parser(argv[0]).parse_args(argv)
+
+
+def trained_epochs(stdout: str) -> list[int]:
+    return [int(e) for e in re.findall(r"^epoch (\d+)/\d+ ", stdout, re.M)]
+
+
+def dvc_deletes_outs(out: Path) -> None:
+    """What `dvc repro` does before it reruns a stage: its outs go, last.pt (no out) stays."""
+    for name in ("model.pt", "metrics.json", "history.csv"):
+        (out / name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("tiny") / "prepared", n=80)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory) -> Path:
+    """The uninterrupted run the resumed ones must end exactly like."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(train_args(tiny, out, *TINY)) == 0
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 1  # TINY's premise
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert json.loads((b / "metrics.json").read_text()) == json.loads((a / "metrics.json").read_text())
+    wa = torch.load(a / "model.pt", weights_only=True)
+    wb = torch.load(b / "model.pt", weights_only=True)
+    assert wa["epoch"] == wb["epoch"]
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert not (b / "last.pt").exists()  # finished: a later rerun must start from scratch
+
+
+def test_kill_9_then_dvc_rerun_resumes_after_the_last_finished_epoch(tiny, straight, tmp_path):
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "agecascade.cli", *train_args(toy, killed, *epochs)]
+    cmd = [sys.executable, "-m", "agecascade.cli", *train_args(tiny, killed, *TINY)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed_from = torch.load(killed / "last.pt", weights_only=True)["epoch"] + 1
-    assert resumed_from < 4 and not (killed / "metrics.json").exists()
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    again = json.loads((killed / "metrics.json").read_text())
-    assert again == straight
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
-    b = torch.load(killed / "model.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    k = torch.load(killed / "last.pt", weights_only=True)["epoch"] + 1
+    assert k < 3 and not (killed / "metrics.json").exists()
+    dvc_deletes_outs(killed)  # model.pt held epoch 1, the best one; no later epoch rewrites it
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from epoch {k} of 3" in rerun.stdout
+    assert trained_epochs(rerun.stdout) == list(range(k + 1, 4))  # epochs 1..k not retrained
+    assert_same_run(straight, killed)
+
+
+def test_killed_after_the_last_epoch_resumes_without_training(tiny, straight, tmp_path, capsys):
+    """Killed between the final epoch and the stage's outputs, then DVC deletes model.pt."""
+    from agecascade.pipelines import train
+
+    out = tmp_path / "run"
+
+    def kill_after_the_last(epoch: int, metrics: dict) -> None:
+        if epoch == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.run(parse(train_args(tiny, out, *TINY)), kill_after_the_last)
+    dvc_deletes_outs(out)
+    capsys.readouterr()
+    assert main(train_args(tiny, out, *TINY)) == 0
+    printed = capsys.readouterr().out
+    assert "resuming from epoch 3 of 3" in printed and trained_epochs(printed) == []
+    assert_same_run(straight, out)
+
+
+def test_a_resume_point_of_other_data_is_not_used(tiny, tmp_path, capsys):
+    from agecascade.pipelines import train
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(tiny, data)
+
+    def kill(epoch: int, metrics: dict) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        train.run(parse(train_args(data, out, *TINY, "--epochs", "2")), kill)
+    crops = np.load(data / CROPS, mmap_mode="r+")  # `prepare` rewrote one crop at the same path
+    crops[0] = 255 - crops[0]
+    crops.flush()
+    capsys.readouterr()
+    assert main(train_args(data, out, *TINY, "--epochs", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "training afresh" in printed and trained_epochs(printed) == [1, 2]
+
+
+def test_resume_key_follows_content_not_paths(tiny, tmp_path):
+    from agecascade.nets import create_model
+    from agecascade.pipelines.train import resume_key
+    from agecascade.train.cascade import read_init
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    init = tmp_path / "a" / "model.pt"
+    init.parent.mkdir()
+    torch.save({"model": create_model("resnet18", 60).state_dict(),
+                "meta": {"arch": "resnet18", "ages": list(range(60)), "init": "x/model.pt"}}, init)
+    moved = tmp_path / "b" / "renamed.pt"
+    moved.parent.mkdir()
+    shutil.copy(init, moved)
+    store = shutil.copytree(tiny, tmp_path / "store-copy")
+
+    def key(manifest: Path, *extra: str, checkpoint: Path | None = init) -> str:
+        args = parse(train_args(manifest, tmp_path / "out", *extra))
+        return resume_key(args, read_init(checkpoint) if checkpoint else None, cpu)
+
+    base = key(tiny)
+    # the same content elsewhere, and settings that change no result: the same key
+    assert key(store, checkpoint=moved) == base
+    assert key(tiny, "--workers", "2", "--out", str(tmp_path / "elsewhere")) == base
+    # changed content or settings: a new key
+    changed = read_init(moved)
+    changed["model"]["head.0.bias"][0] += 1.0
+    torch.save(changed, moved)
+    assert key(tiny, checkpoint=moved) != base
+    crops = np.load(store / CROPS, mmap_mode="r+")
+    crops[5, 0, 0, 0] ^= 1
+    crops.flush()
+    assert key(store) != base
+    assert key(tiny, "--lr", "0.01") != base
+    assert key(tiny, "--max-images", "50") != base
+    weights = tmp_path / "vggface2.pth"
+    weights.write_bytes(b"face weights")
+    fresh = key(tiny, checkpoint=None)
+    with_file = key(tiny, "--pretrained", "vggface2", "--weights", str(weights), checkpoint=None)
+    assert len({fresh, key(tiny, "--pretrained", "imagenet", checkpoint=None), with_file}) == 3
+    weights.write_bytes(b"other face weights")
+    assert key(tiny, "--pretrained", "vggface2", "--weights", str(weights), checkpoint=None) != with_file
+
+
+def study_trials(out: Path) -> dict[tuple[float, int], list[str]]:
+    """(lr, batch) -> the states of its trials, over every study in out/optuna.db."""
+    import optuna
+
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    trials: dict[tuple[float, int], list[str]] = {}
+    for name in optuna.get_all_study_names(storage):
+        for t in optuna.load_study(study_name=name, storage=storage).trials:
+            trials.setdefault((t.params["lr"], t.params["batch"]), []).append(t.state.name)
+    return trials
 
 
 def test_grid_runs_every_point_once_and_feeds_the_stage(toy, tmp_path):
@@ -122,12 +265,85 @@ def test_grid_runs_every_point_once_and_feeds_the_stage(toy, tmp_path):
     assert best["lr"] in (0.01, 0.001) and best["batch"] in (16, 32)
     import optuna
 
-    study = optuna.load_study(study_name="resnet18-prepared", storage=f"sqlite:///{out / 'optuna.db'}")
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    assert name.startswith("resnet18-prepared-")
+    study = optuna.load_study(study_name=name, storage=storage)
     points = {(t.params["lr"], t.params["batch"]) for t in study.trials}
     assert len(study.trials) == 4 and len(points) == 4
     assert best["val_loss"] == min(t.value for t in study.trials)
+    assert not (out / "trials").exists()
     run = tmp_path / "run"
     assert main(train_args(toy, run, "--hparams", str(out / "best.json"))) == 0
+
+
+@pytest.fixture
+def fake_trials(monkeypatch):
+    """Grid bookkeeping without training: a point's loss is a function of the point; a point
+    put in ``plan`` raises the exception given there (a failure, or a kill)."""
+    from agecascade.pipelines import tune
+
+    calls: list[tuple[float, int]] = []
+    plan: dict[tuple[float, int], BaseException] = {}
+
+    def fake_run(args, on_epoch):
+        point = (args.lr, args.batch)
+        calls.append(point)
+        if point in plan:
+            raise plan.pop(point)
+        args.out.mkdir(parents=True)
+        return {"val_loss": args.lr * 100 + args.batch / 1000}, None
+
+    monkeypatch.setattr(tune.train, "run", fake_run)
+    return calls, plan
+
+
+def tune_args(toy: Path, out: Path, lrs=("0.01", "0.001"), batches=("16", "32")) -> list[str]:
+    return ["tune", *train_args(toy, out)[1:], "--lrs", *lrs, "--batches", *batches]
+
+
+def test_interrupted_grid_resumes_and_failed_points_are_retried(toy, tmp_path, fake_trials):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    calls, plan = fake_trials
+    out = tmp_path / "tune"
+    plan[(0.01, 16)] = RuntimeError("out of memory")   # the grid is walked by lr, then batch
+    with pytest.raises(RuntimeError):
+        main(tune_args(toy, out))
+    assert calls == [(0.001, 16), (0.001, 32), (0.01, 16)]
+    calls.clear()
+    plan[(0.01, 16)] = Killed()
+    with pytest.raises(Killed):
+        main(tune_args(toy, out))
+    assert calls == [(0.01, 16)]  # the failed point first; the finished ones not again
+    assert study_trials(out) == {(0.001, 16): ["COMPLETE"], (0.001, 32): ["COMPLETE"],
+                                 (0.01, 16): ["FAIL"]}
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    study.enqueue_trial({"lr": 0.01, "batch": 32})  # and a trial that a kill left RUNNING
+    study.ask({"lr": CategoricalDistribution([0.001, 0.01]),
+               "batch": CategoricalDistribution([16, 32])})
+    calls.clear()
+    assert main(tune_args(toy, out)) == 0
+    assert calls == [(0.01, 16), (0.01, 32)]  # finished points are not trained again
+    assert json.loads((out / "best.json").read_text()) == {"lr": 0.001, "batch": 16,
+                                                            "val_loss": 0.1 + 0.016}
+    trials = study_trials(out)
+    assert trials[(0.01, 16)] == ["FAIL", "COMPLETE"] and trials[(0.01, 32)] == ["RUNNING", "COMPLETE"]
+
+
+def test_a_changed_grid_does_not_reuse_trials(toy, tmp_path, fake_trials):
+    calls, _ = fake_trials
+    out = tmp_path / "tune"
+    assert main(tune_args(toy, out)) == 0
+    calls.clear()
+    assert main(tune_args(toy, out, lrs=("0.01", "0.0001"))) == 0
+    assert calls == [(0.0001, 16), (0.0001, 32), (0.01, 16), (0.01, 32)]  # (0.01, x) again too
+    calls.clear()
+    assert main(tune_args(toy, out, lrs=("0.01", "0.0001"))) == 0
+    assert calls == []  # the same grid again: nothing left to train
 
 
 def test_cascade_stage_inherits_arch_and_carries_output_units_by_age(toy, tmp_path, capsys):
@@ -190,6 +406,7 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_STAGE", "finetune_toy")  # as `dvc repro` runs a stage
     args = [a for a in train_args(toy, tmp_path / "run", "--epochs", "2") if a != "--no-track"]
     assert main([*args, "--stage", "finetune_toy"]) == 0
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -202,6 +419,41 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
     client = mlflow.MlflowClient()
     for key in ("train_loss", "val_loss", "val_mae", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
-    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    assert model(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 60)
+    # relative to the checkout, so a moved copy still finds its artifacts
+    assert run.info.artifact_uri == f"mlruns/{run.info.experiment_id}/{run.info.run_id}/artifacts"
+    # the run's model is the registry's pickle-free pyfunc (conftest forbids unpickling) ...
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    (mlmodel,) = tmp_path.glob("mlruns/*/models/*/artifacts/MLmodel")
+    assert "pickle" not in mlmodel.read_text()
+    import yaml
+
+    flavors = yaml.safe_load(mlmodel.read_text())["flavors"]
+    assert flavors.keys() == {"python_function"}
+    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    # ... that refers to the stage's model.pt, which DVC keeps, instead of storing it again
+    from agecascade.registry import checkpoint_reference
+
+    checkpoint = tmp_path / "run" / "model.pt"
+    assert checkpoint_reference(f"runs:/{run.info.run_id}/model")["path"] == "run/model.pt"
+    stored = [p.stat().st_size for p in mlmodel.parent.rglob("*") if p.is_file()]
+    assert max(stored) < min(1 << 20, checkpoint.stat().st_size)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    # ... and predicts what the stage's model.pt predicts through the training code
+    from agecascade.nets.checkpoint import load_checkpoint
+    from agecascade.train.data import make_loader
+    from agecascade.train.engine import predict
+
+    images = np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
+    network, meta = load_checkpoint(checkpoint)
+    loader = make_loader(images, np.zeros(6, dtype=np.int64), np.arange(6), 6, False, 0, 0, False)
+    _, _, expected = predict(network, loader, torch.device("cpu"), SIZE, torch.tensor(meta["ages"]))
+    np.testing.assert_allclose(model.predict(images), expected.numpy(), atol=1e-4)
+    from agecascade.registry import aliases, promote
+
+    # promoted, it becomes a self-contained version that no longer needs the checkout's file
+    assert promote("t-train", run_id=run.info.run_id) == 1
+    assert aliases("t-train") == {"champion": 1}
+    assert checkpoint_reference("models:/t-train@champion") is None
+    checkpoint.unlink()
+    champion = mlflow.pyfunc.load_model("models:/t-train@champion")
+    np.testing.assert_allclose(champion.predict(images), expected.numpy(), atol=1e-4)

@@ -4,28 +4,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
-from agecascade.data.manifest import DatasetLayoutError
+from agecascade.errors import UserError
 
-
-def _demo_data(args: argparse.Namespace) -> int:
-    from agecascade.demo import write_demo_datasets
-
-    counts = write_demo_datasets(args.out, seed=args.seed)
-    for name, n in counts.items():
-        print(f"{name:<8} {n:>5} files -> {args.out / name}")
-    return 0
-
-
-# subcommand -> (module with add_arguments/main, help). A stage imports only its own module:
+# subcommand -> (module with add_arguments/main, help). A command imports only its own module:
 # every DVC stage is a fresh process, and importing all of them (torch, mlflow, grad-cam, FLAML)
-# would cost each stage seconds.
+# would cost each stage seconds. For the same reason this file imports nothing else of the
+# project: every stage's DVC deps include what it imports.
 COMMANDS = {
     "prepare": ("agecascade.pipelines.prepare", "dataset root -> manifest, face crops, drop report"),
     "train": ("agecascade.pipelines.train", "fine-tune one backbone on one prepared dataset"),
     "tune": ("agecascade.pipelines.tune", "lr x batch grid (Optuna), one epoch per point"),
-    "evaluate": ("agecascade.pipelines.evaluate", "MAE of a model file on a prepared manifest"),
+    "evaluate": ("agecascade.commands.evaluate", "MAE of a model file on a prepared manifest"),
     "lopo": ("agecascade.pipelines.lopo",
              "FG-NET leave-one-person-out from a cascade checkpoint (mode a, b or c)"),
     "adience": ("agecascade.pipelines.adience",
@@ -37,10 +27,12 @@ COMMANDS = {
     "cam": ("agecascade.pipelines.cam", "Grad-CAM maps before/after fine-tuning (thesis figure 14)"),
     "register": ("agecascade.pipelines.register",
                  "log the lowest FG-NET MAE candidate as a pyfunc and make it the registry champion"),
-    "promote": ("agecascade.pipelines.promote",
+    "promote": ("agecascade.commands.promote",
                 "make a registered version, or a run's model, the champion"),
     "report": ("agecascade.pipelines.report",
                "the thesis's tables from this run's outputs (reports/summary.md)"),
+    "demo-data": ("agecascade.commands.demo_data",
+                  "write small synthetic datasets in native layouts"),
 }
 
 
@@ -54,11 +46,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
             sub.set_defaults(run=module.main)
-
-    demo = commands.add_parser("demo-data", help="write small synthetic datasets in native layouts")
-    demo.add_argument("--out", type=Path, required=True)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo_data)
     return parser
 
 
@@ -68,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     try:
         return args.run(args)
-    except (DatasetLayoutError, ValueError, OSError) as err:  # user errors: bad paths, values
+    except (UserError, ValueError, OSError) as err:  # user errors: bad paths, values
         print(f"agecascade {args.command}: error: {err}", file=sys.stderr)
         return 2
 

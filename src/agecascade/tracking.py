@@ -1,7 +1,9 @@
 """MLflow as a thin layer around training: the trainer only ever sees an ``on_epoch`` callback.
 
 Backend: ``sqlite:///mlflow.db`` (MLflow 3 refuses a bare ./mlruns file store) with artifacts in
-``mlruns/``. Open the UI with
+``mlruns/``, both relative to the working directory (the checkout's root, where DVC runs every
+stage), so a checkout moved or copied elsewhere still opens its runs and models. Open the UI
+from there with
 ``mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000``.
 """
 from __future__ import annotations
@@ -26,36 +28,114 @@ def git_commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def experiment_id(name: str) -> str:
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the checkout's SQLite store; points MLflow's module API at it."""
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created on first use with its artifacts under a relative
+    ``mlruns/<id>`` when the store is a database of ours."""
+    import mlflow
+
+    uri = tracking_uri()
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    ARTIFACTS.mkdir(exist_ok=True)
-    return mlflow.create_experiment(name, artifact_location=ARTIFACTS.resolve().as_uri())
+    created = mlflow.create_experiment(name)
+    _relative_artifact_location(uri, created)
+    return created
+
+
+def _relative_artifact_location(uri: str, experiment: str) -> None:
+    """Store ``mlruns/<id>`` as the artifact location of ``experiment`` and of MLflow's Default
+    experiment (0, made with the database).
+
+    MLflow resolves any local artifact location to an absolute path when it creates an
+    experiment, and every run and logged model copies that prefix into its own artifact URI (a
+    model version into its storage location), so a moved checkout would look for its artifacts
+    in the old folder. They all derive theirs from the experiment's, so rewriting it before the
+    first run keeps every one relative. Only the location MLflow itself chose is rewritten, and
+    a tracking server (http) owns its artifact root and is left alone.
+    """
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    if uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_ENGINES:
+        return
+    import sqlalchemy
+
+    update = "UPDATE experiments SET artifact_location = :relative WHERE experiment_id = :id"
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(update), {
+                "id": int(experiment), "relative": (ARTIFACTS / experiment).as_posix()})
+            connection.execute(sqlalchemy.text(update + " AND artifact_location = :chosen"), {
+                "id": 0, "relative": (ARTIFACTS / "0").as_posix(),
+                "chosen": (ARTIFACTS.resolve() / "0").as_posix()})
+    finally:
+        engine.dispose()
 
 
 @contextmanager
 def tracked_run(experiment: str, run_name: str, out: Path, tags: dict[str, str],
                 params: dict) -> Iterator[object]:
-    """Start a run, or resume the one an interrupted attempt left its id for in ``out``, so a
-    resumed training continues the same curves instead of starting a second, partial run."""
+    """Start a run, or resume the one an interrupted attempt with the same params left its id
+    for in ``out``, so a resumed training continues the same curves instead of starting a
+    second, partial run. An exception ends the run as FAILED (MLflow's ``start_run`` does)."""
     import mlflow
 
     exp = experiment_id(experiment)
     run_id_path = out / RUN_ID_FILE
-    resume = run_id_path.read_text().strip() if run_id_path.exists() else None
+    resume = _resumable_run(run_id_path, exp, {k: str(v) for k, v in params.items()})
     with mlflow.start_run(run_id=resume, experiment_id=None if resume else exp,
                           run_name=None if resume else run_name) as run:
         out.mkdir(parents=True, exist_ok=True)
-        run_id_path.write_text(run.info.run_id)
+        partial = run_id_path.with_name(RUN_ID_FILE + ".tmp")
+        partial.write_text(run.info.run_id)
+        os.replace(partial, run_id_path)  # a torn id would orphan the run as RUNNING
         mlflow.set_tags({**tags, "git_commit": git_commit()})
         if not resume:
             mlflow.log_params(params)
         yield run
     run_id_path.unlink(missing_ok=True)
+
+
+def _resumable_run(run_id_path: Path, experiment: str, params: dict[str, str]) -> str | None:
+    """The run id left in ``run_id_path`` if that run may be continued: unfinished, in
+    ``experiment``, and logged with exactly ``params`` (a retry with other settings must not
+    add its curves to the old attempt's params). A left-over run that is still marked RUNNING
+    but will not be continued is ended as KILLED: its process is gone."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LifecycleStage, RunStatus
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import (INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST,
+                                              ErrorCode)
+
+    if not run_id_path.exists():
+        return None
+    run_id = run_id_path.read_text().strip()
+    client = MlflowClient()
+    try:
+        old = client.get_run(run_id)
+    except MlflowException as err:  # another store's run, or a file that is not an id
+        if err.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST),
+                              ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return None
+        raise
+    if old.info.lifecycle_stage == LifecycleStage.DELETED:
+        return None
+    status = old.info.status
+    if (status != RunStatus.to_string(RunStatus.FINISHED)
+            and old.info.experiment_id == experiment and old.data.params == params):
+        return run_id
+    if status == RunStatus.to_string(RunStatus.RUNNING):
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    return None
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -78,9 +158,30 @@ def log_child_run(name: str, metrics: dict[str, float], tags: dict[str, str] | N
 
 
 def log_final(summary: dict[str, float], out: Path, model, input_size: int) -> None:
-    """Final scores, the files DVC also tracks, and the model itself."""
+    """Final scores, the files DVC also tracks, and ``out/model.pt`` as the run's model: the
+    registry's AgeEstimator pyfunc (models from code, no pickle), so a training run's model
+    loads, serves and is promoted (``agecascade promote --run-id``) like the champion.
+
+    Under ``dvc repro`` the model refers to ``model.pt`` by path and md5 instead of holding a
+    copy: the file is the stage's out, so DVC keeps its bytes (workspace and cache) and a second
+    copy in mlruns/ would only double the disk a checkpoint takes. Run by hand, nothing else
+    keeps the file (a rerun overwrites it), so the model carries it.
+
+    ``model`` and ``input_size`` are not used: the checkpoint ``train`` wrote holds the kept
+    weights and their input size, and is what gets logged.
+    """
+    from agecascade.serving import log_age_estimator
+
     log_summary({f"final_{k}": v for k, v in summary.items()}, out, ("metrics.json", "history.csv"))
-    log_model(model, input_size)
+    checkpoint = out / "model.pt"
+    log_age_estimator(checkpoint, by_reference=dvc_keeps(checkpoint))
+
+
+def dvc_keeps(path: Path) -> bool:
+    """Whether DVC will cache ``path`` once this command ends: it runs as a DVC stage (DVC sets
+    DVC_STAGE for each stage's command) and the file lies in the working directory, the
+    checkout, where a stage's outs are."""
+    return "DVC_STAGE" in os.environ and Path(os.path.abspath(path)).is_relative_to(Path.cwd())
 
 
 def log_summary(summary: dict, out: Path, files: tuple[str, ...]) -> None:
@@ -91,22 +192,3 @@ def log_summary(summary: dict, out: Path, files: tuple[str, ...]) -> None:
     mlflow.set_tags({k: v for k, v in summary.items() if isinstance(v, str)})
     for name in files:
         mlflow.log_artifact(str(out / name))
-
-
-def log_model(model, input_size: int, name: str = "model") -> None:
-    """The final model with explicit requirements. It is pickled (MLflow 3 defaults to a pt2
-    export), so the agecascade code travels with it (``code_paths``)."""
-    import mlflow
-    import numpy
-    import torch
-    import torchvision
-
-    import agecascade
-
-    example = numpy.zeros((1, 3, input_size, input_size), dtype=numpy.float32)
-    mlflow.pytorch.log_model(
-        model.cpu().eval(), name=name, serialization_format="pickle", input_example=example,
-        code_paths=[str(Path(agecascade.__file__).parent)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}",
-                          f"numpy=={numpy.__version__}"])

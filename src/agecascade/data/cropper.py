@@ -1,11 +1,15 @@
 """One file -> one face crop, choosing the box by preference: dataset box, detector, whole image.
 
-Runs inside worker processes, so it takes and returns plain picklable values.
+Runs inside worker processes, so it takes and returns plain picklable values. It never raises:
+whatever goes wrong with one file becomes that file's drop reason, so one bad file cannot stop
+a run over half a million.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import stat
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,17 +17,23 @@ import numpy as np
 
 from .crops import crop_face, whole_image_box
 from .detect import available_detectors, detect_face
-from .imaging import DEFAULT_MAX_PIXELS, BadImage, decode, orient_box
+from .imaging import BadImage, decode, orient_box
 
 BOX_POLICIES = ("auto", "image")
+# A face box may stick out of a tight crop, but not by this much: beyond it the annotation is
+# broken (a dataset box 1e5 px wide on a 100 px image), not a face.
+MAX_BOX_TO_IMAGE = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CropSettings:
-    size: int = 224
-    margin: float = 0.4
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    box_policy: str = "auto"  # auto: dataset box > detector > whole image; image: whole image
+    """What a worker needs of ``PrepareConfig`` (agecascade.data.prepare), which holds the
+    defaults: no defaults here, so none can drift from the command line's."""
+    size: int
+    margin: float
+    max_pixels: int
+    box_policy: str  # auto: dataset box > detector > whole image; image: whole image
+    max_file_bytes: int
 
 
 @dataclass(frozen=True)
@@ -47,21 +57,51 @@ class CropResult:
 
 
 def _usable(box: tuple[float, float, float, float], width: int, height: int) -> bool:
-    """A box with area that overlaps the image; anything else is a broken annotation."""
+    """A box with area that overlaps the image and is not absurdly larger than it; anything
+    else is a broken annotation."""
     x0, y0, x1, y1 = box
+    limit = MAX_BOX_TO_IMAGE * max(width, height)
     return (all(map(math.isfinite, box)) and x1 > x0 and y1 > y0
-            and x1 > 0 and y1 > 0 and x0 < width and y0 < height)
+            and x1 > 0 and y1 > 0 and x0 < width and y0 < height
+            and x1 - x0 <= limit and y1 - y0 <= limit)
+
+
+def _read(file: str, max_bytes: int) -> bytes:
+    """The file's bytes; BadImage for what is not a regular file or is over the size cap.
+
+    Checking the type first keeps a FIFO or a device named like an image from blocking the
+    worker forever; reading at most one byte past the cap bounds memory if the file grows.
+    """
+    try:
+        info = Path(file).stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage("not_a_regular_file", stat.filemode(info.st_mode))
+        if info.st_size > max_bytes:
+            raise BadImage("file_too_large", f"{info.st_size} bytes (limit {max_bytes})")
+        with open(file, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as err:
+        raise BadImage("unreadable_file", str(err)) from None
+    if len(data) > max_bytes:
+        raise BadImage("file_too_large", f"over {max_bytes} bytes while reading")
+    return data
 
 
 def crop_file(job: CropJob, settings: CropSettings) -> CropResult:
+    """Crop one file, or give the reason it is dropped; never raises."""
     try:
-        data = Path(job.file).read_bytes()
-    except OSError as err:
-        return CropResult(reason="unreadable_file", detail=str(err))
-    try:
-        decoded = decode(data, job.file, settings.max_pixels)
+        return _crop(job, settings)
     except BadImage as bad:
         return CropResult(reason=bad.reason, detail=bad.detail)
+    except Exception as err:  # a bug or a library failure on one file must not stop the run
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        return CropResult(reason="processing_error", detail=(
+            f"{type(err).__name__}: {err} (in {Path(where.filename).name}:{where.lineno})"))
+
+
+def _crop(job: CropJob, settings: CropSettings) -> CropResult:
+    data = _read(job.file, settings.max_file_bytes)
+    decoded = decode(data, job.file, settings.max_pixels)
     image, notes = decoded.image, list(decoded.notes)
 
     box, source, margin = None, "", settings.margin

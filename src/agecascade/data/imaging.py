@@ -3,6 +3,10 @@
 Real face datasets contain greyscale scans, CMYK JPEGs, PNGs with alpha, 16-bit PNGs,
 rotated phone photos, truncated downloads, empty files and the odd text file. Each either
 decodes to an upright RGB image or raises ``BadImage`` with a reason the drop report counts.
+
+``upright_rgb`` is the one pixel conversion of the project: ``prepare`` (and so ``evaluate``,
+which reads prepare's crops) and the serving model both use it, so a deployed model sees the
+same pixels it was trained on.
 """
 from __future__ import annotations
 
@@ -58,6 +62,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8) a viewer would apply; 1 where absent or invalid."""
+    try:
+        value = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (TypeError, ValueError):  # a malformed tag: viewers show such photos as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """Any opened Pillow image -> upright 8-bit RGB: EXIF rotation applied, then ``to_rgb``."""
+    upright = ImageOps.exif_transpose(image) if exif_orientation(image) != 1 else image
+    return to_rgb(upright)
+
+
 def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Bytes of one file -> upright RGB image. ``name`` is only used to check the extension."""
     if not data:
@@ -87,14 +106,12 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Deco
         notes.append(("extension_mismatch", f"{image.format} data in a {Path(name).suffix} file"))
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         notes.append(("high_bit_depth", f"mode {image.mode} scaled to 8 bits"))
-    orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
-    raw_size = image.size
     try:
-        upright = ImageOps.exif_transpose(image) if orientation != 1 else image
-        rgb = to_rgb(upright)
-    except (OSError, ValueError) as err:
+        orientation = exif_orientation(image)
+        rgb = upright_rgb(image)
+    except (OSError, ValueError, SyntaxError) as err:  # a damaged EXIF block or pixel mode
         raise BadImage("corrupt_image", str(err)) from None
-    return Decoded(rgb, orientation if 1 <= orientation <= 8 else 1, raw_size, notes)
+    return Decoded(rgb, orientation, image.size, notes)
 
 
 def orient_box(box: tuple[float, float, float, float], orientation: int,

@@ -6,11 +6,14 @@ fills the remaining columns (detected boxes, image size, content hash) for the r
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+
+from agecascade.errors import UserError
 
 from .report import DropReport
 
@@ -37,7 +40,7 @@ COLUMNS: dict[str, str] = {
 NO_BOX = (math.nan, math.nan, math.nan, math.nan)
 
 
-class DatasetLayoutError(Exception):
+class DatasetLayoutError(UserError):
     """The root is missing or does not look like the dataset: a user error, not a crash."""
 
     def __init__(self, root: Path, expected: str):
@@ -59,6 +62,20 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
     """Build a manifest with the canonical columns and dtypes, even when empty."""
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     return frame.astype(COLUMNS)
+
+
+def path_below_root(*parts: str) -> str | None:
+    """Metadata path parts joined into a POSIX path relative to the dataset root, or None where
+    the result would leave the root: an absolute part, or ``..`` climbing out.
+
+    Label files come from the internet; a row naming ``../../home/you/.ssh/id_rsa`` must not
+    make ``prepare`` read it. The check is on the text, not the disk, so symlinks inside a
+    dataset (a DVC cache, a shared mount) keep working.
+    """
+    if any(posixpath.isabs(part) for part in parts):
+        return None
+    path = posixpath.normpath(posixpath.join(*parts))
+    return None if path == ".." or path.startswith("../") else path
 
 
 def list_files(folder: Path) -> list[Path]:

@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agecascade.atomic import write_text_atomic
+
 
 @dataclass
 class DropReport:
@@ -66,7 +68,7 @@ class DropReport:
         }
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary(self) -> str:
         """A few lines for the terminal; the full list lives in report.json."""

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agecascade.errors import MissingInput, UserError
+
 MANIFEST, CROPS, REPORT, COUNTS = "manifest.parquet", "crops.npy", "report.json", "counts.json"
 
 
@@ -42,8 +44,11 @@ def shrink_store(path: Path, rows: int) -> None:
 
 def load_prepared(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """(manifest, memory-mapped crops) of one prepared dataset folder."""
+    for name in (MANIFEST, CROPS):
+        if not (folder / name).is_file():
+            raise MissingInput(f"{folder}: no {name}; make it with `agecascade prepare`")
     manifest = pd.read_parquet(folder / MANIFEST)
     crops = np.load(folder / CROPS, mmap_mode="r")
     if len(manifest) != len(crops):
-        raise ValueError(f"{folder}: manifest has {len(manifest)} rows but crops.npy {len(crops)}")
+        raise UserError(f"{folder}: manifest has {len(manifest)} rows but crops.npy {len(crops)}")
     return manifest, crops

@@ -8,16 +8,25 @@ the heads of many folds train at the same time: one vmapped forward through stac
 which each fold's loss masks out its own held-out subject. Modes b and c can likewise fine-tune
 only the trunk's last blocks (``train_blocks``): the frozen stem then also runs once per image.
 
-Finished folds are kept in ``out/folds/`` with the settings that produced them, so a rerun after
-an interruption trains only the folds that are missing.
+Finished folds are kept in ``out/folds/`` with a fingerprint of what produced them (settings,
+starting weights, crops, code; see :func:`settings_key`), so a rerun after an interruption
+trains only the folds that are missing. A fold's CSV is written atomically: it exists only
+whole, so its presence means the fold is finished.
+
+:func:`run` is the `lopo` stage's computation: it writes into ``config.out`` predictions.csv
+(every image, predicted by the fold that held its subject out), folds.csv (MAE per subject),
+metrics.json (table 4's columns, beside the median predictor's MAE) and model.pt, the same
+recipe trained on every subject: the model the registry deploys. It logs nothing: it reports
+each finished fold to the caller's ``on_fold``.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,31 +36,84 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
-from agecascade.nets import AgeNet, freeze_features
+from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint,
+                              store_fingerprint, to_csv_atomic, torch_save_atomic,
+                              weights_fingerprint, write_text_atomic)
+from agecascade.config import option
+from agecascade.data.store import load_prepared
+from agecascade.errors import UserError
+from agecascade.nets import PRETRAINED, AgeNet, create_model, freeze_features
 from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
-from agecascade.train.data import Augment, LabelSpace, augment_batch, normalise, to_unit
-from agecascade.train.engine import adam, autocast
+from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
+from agecascade.train.data import (IMAGENET, Augment, LabelSpace, augment_batch, label_space_for,
+                                   normalise, to_unit)
+from agecascade.train.engine import adam, autocast, pick_device
 
 FOLDS_DIR = "folds"
+AUGMENT = Augment()  # modes b and c without train_blocks: the thesis's augmentation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LopoConfig:
-    mode: str = "b"              # a: frozen trunk, head trained; b, c: fine-tune per fold
-    train_blocks: int = 0        # b, c: fine-tune only the trunk's last blocks (0 = all of it)
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 32
-    input_size: int = 224
-    seed: int = 0
-    augment: Augment = field(default_factory=Augment)
-    head_params_budget: int = 200_000_000  # mode a: stacked head parameters trained at once
+    """Every setting of the `lopo` stage and its default; the command line is built from it, so
+    a default lives here only. The folds start from ``model`` (a cascade checkpoint) or from
+    ``backbone``'s ``pretrained`` weights (the thesis's mode a), one of the two."""
+    manifest: Path = option(help="a prepared FG-NET-style folder")
+    model: Path | None = option(None, help="the checkpoint every fold starts from (mode b: "
+                                           "after IMDB; c: after AgeDB)")
+    backbone: str = option("", help="start from a backbone's pretrained weights instead (the "
+                                    "thesis's mode a: the face-recognition network, no age "
+                                    "training)")
+    pretrained: str = option("none", choices=PRETRAINED, help="with --backbone: the weights' "
+                                                              "source")
+    weights: str = option("", help="with --backbone --pretrained vggface2: checkpoint file")
+    mode: str = option(choices=tuple(MODES), help="a: frozen trunk, only the head trains; b, c: "
+                                                  "fine-tune per fold")
+    train_blocks: int = option(0, help="modes b, c: fine-tune only the trunk's last N blocks "
+                                       "with weights, and the head; the frozen rest runs once "
+                                       "per image (0 = everything)")
+    epochs: int = option(3)
+    lr: float = option(1e-4)
+    batch: int = option(32, help="training images per step")
+    input_size: int = option(0, help="0 = the checkpoint's own")
+    seed: int = option(0)
+    head_params_budget: int = option(200_000_000, help="mode a: head parameters trained at once "
+                                                       "(the folds' heads train in groups that "
+                                                       "fit)")
+    device: str = option("auto", help="auto (CUDA when available), cpu, or a torch device "
+                                      "such as cuda:1")
+    out: Path = option(help="folder of predictions.csv, folds.csv, metrics.json and model.pt")
 
     def __post_init__(self) -> None:
+        if (self.model is None) == (not self.backbone):
+            raise UserError("give one of --model (a cascade checkpoint) and --backbone (its "
+                            "pretrained weights)")
+        if self.mode not in MODES:
+            raise UserError(f"--mode {self.mode!r}: use one of {tuple(MODES)}")
         if self.mode == "a" and self.train_blocks:
-            raise ValueError("train_blocks (--train-blocks) is for modes b and c; mode a trains "
-                             "the head only")
+            raise UserError("--train-blocks is for modes b and c; mode a trains the head only")
+        if self.pretrained not in PRETRAINED:
+            raise UserError(f"--pretrained {self.pretrained!r}: use one of {PRETRAINED}")
+        if self.model is not None and (self.pretrained != "none" or self.weights):
+            raise UserError("--pretrained and --weights go with --backbone; --model brings its "
+                            "own weights")
+        if self.backbone and (self.pretrained == "vggface2") != bool(self.weights):
+            raise UserError("--weights goes with --pretrained vggface2, and only with it")
+        if self.backbone and not self.input_size:
+            raise UserError("--input-size is needed when starting from a backbone's weights")
+        if min(self.epochs, self.batch, self.head_params_budget) < 1 or not self.lr > 0 \
+                or min(self.train_blocks, self.input_size) < 0:
+            raise UserError(f"--epochs, --batch and --head-params-budget must be >= 1, --lr > 0, "
+                            f"--train-blocks and --input-size >= 0 (got {self.epochs}, "
+                            f"{self.batch}, {self.head_params_budget}, {self.lr:g}, "
+                            f"{self.train_blocks}, {self.input_size})")
+
+    def settings(self) -> dict:
+        """The settings that shape a result: all but the places of files (their content counts
+        instead, see :func:`settings_key`) and the device's name."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("manifest", "model", "weights", "out", "device")}
 
 
 @dataclass
@@ -66,7 +128,7 @@ class FoldData:
     def load(cls, manifest: pd.DataFrame, crops: np.ndarray, space: LabelSpace, size: int,
              device: torch.device) -> "FoldData":
         if manifest["subject"].isna().any():
-            raise ValueError("leave-one-person-out needs a subject for every image; "
+            raise UserError("leave-one-person-out needs a subject for every image; "
                              f"{int(manifest['subject'].isna().sum())} rows have none")
         ages = manifest["age"].to_numpy(dtype=float)
         chunks = []
@@ -78,16 +140,19 @@ class FoldData:
                    manifest["subject"].astype(str).to_numpy(), ages)
 
 
-def settings_key(config: LopoConfig, start: Path | str, manifest: pd.DataFrame) -> str:
-    """What a finished fold depends on: resumed folds must come from the same settings.
-    ``start``: the starting checkpoint (its content counts) or the name of the weights."""
-    digest = hashlib.sha1()
-    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
-    start_path = Path(start)
-    digest.update(hashlib.sha1(start_path.read_bytes()).digest() if start_path.is_file()
-                  else str(start).encode())
-    digest.update(pd.util.hash_pandas_object(manifest[["path", "age", "subject"]]).to_numpy())
-    return digest.hexdigest()
+def settings_key(config: LopoConfig, init: Mapping | None, device: torch.device) -> str:
+    """What a finished fold depends on, by content, so resumed folds come from the same run.
+
+    The prepared folder counts by its manifest and crops, not its path. The folds start from
+    ``init``, ``config.model`` as ``read_init`` returns it (its tensors count, not its file), or
+    without one from ``config.backbone`` with its ``pretrained`` weights (the choice and the
+    weights file's content count). The code version, the device type and every setting that
+    shapes a result (:meth:`LopoConfig.settings`, input size resolved) count too.
+    """
+    start = (checkpoint_fingerprint(init) if init is not None
+             else weights_fingerprint(config.pretrained, config.weights or None))
+    return fingerprint(settings=config.settings(), start=start, device=device.type,
+                       store=store_fingerprint(config.manifest), code=code_version())
 
 
 def _batch(data: FoldData, rows: torch.Tensor, spec: InputSpec, channels_last: bool) -> torch.Tensor:
@@ -126,13 +191,13 @@ def train_fold(model: torch.nn.Module, start: dict, inputs: Inputs, labels: torc
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adam(params, config.lr)
-    steps_per_epoch = max(1, len(rows) // config.batch_size)
+    steps_per_epoch = max(1, len(rows) // config.batch)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(config.epochs):
         order = rows[torch.randperm(len(rows), generator=gen).numpy()]
         for step in range(steps_per_epoch):  # whole batches only: BatchNorm needs more than one
-            idx = torch.as_tensor(order[step * config.batch_size:(step + 1) * config.batch_size],
+            idx = torch.as_tensor(order[step * config.batch:(step + 1) * config.batch],
                                   device=device)
             x = inputs(idx, gen)
             with autocast(device):
@@ -173,7 +238,7 @@ def train_heads(head: torch.nn.Module, features: torch.Tensor, labels: torch.Ten
 
     batched = torch.vmap(forward, in_dims=(0, 0, None), randomness="different")
     optimizer = adam(params.values(), config.lr)
-    steps_per_epoch = max(1, n // config.batch_size)
+    steps_per_epoch = max(1, n // config.batch)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     weights = train_mask.float()
@@ -181,7 +246,7 @@ def train_heads(head: torch.nn.Module, features: torch.Tensor, labels: torch.Ten
         order = torch.randperm(n, generator=gen).to(labels.device)
         view = torch.randint(features.shape[0], (n,), generator=gen).to(labels.device)
         for step in range(steps_per_epoch):
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            idx = order[step * config.batch:(step + 1) * config.batch]
             logits = batched(params, buffers, features[view[idx], idx])   # (F, B, K)
             losses = F.cross_entropy(logits.flatten(0, 1), labels[idx].repeat(folds),
                                      reduction="none").view(folds, -1)
@@ -206,22 +271,23 @@ def _fold_frame(data: FoldData, rows: np.ndarray, probs: torch.Tensor, space: La
 
 def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
              manifest: pd.DataFrame, crops: np.ndarray, config: LopoConfig, device: torch.device,
-             out: Path, key: str, on_fold: Callable[[str, pd.DataFrame], None] | None = None
+             key: str, on_fold: Callable[[str, pd.DataFrame], None] | None = None
              ) -> tuple[pd.DataFrame, AgeNet]:
     """Predictions for every image from the fold that held its subject out, and a final model
     trained the same way on every subject (the one to deploy).
 
     ``start`` is the state every fold begins from; ``key`` names the settings (see
-    :func:`settings_key`) so that finished folds of other settings are not reused.
+    :func:`settings_key`) so that finished folds of other settings are not reused. The folds
+    are kept in ``config.out / FOLDS_DIR``; ``config.input_size`` must be resolved (not 0).
     """
-    folds_dir = out / FOLDS_DIR
+    folds_dir = config.out / FOLDS_DIR
     stamp = folds_dir / "settings.txt"
     if folds_dir.exists() and (not stamp.exists() or stamp.read_text() != key):
         print(f"{folds_dir} holds folds of other settings: starting over")
         for stale in folds_dir.glob("*.csv"):
             stale.unlink()
     folds_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(key)
+    write_text_atomic(stamp, key)
 
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda"
                      else torch.contiguous_format)
@@ -234,7 +300,7 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
         print(f"resuming: {len(subjects) - len(todo)} of {len(subjects)} folds already done")
 
     def finished(subject: str, frame: pd.DataFrame) -> None:
-        frame.to_csv(fold_file[subject], index=False)
+        to_csv_atomic(frame, fold_file[subject])  # whole or absent: present means finished
         if on_fold is not None:
             on_fold(subject, frame)
 
@@ -273,7 +339,7 @@ def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
         net, net_start = model, start
 
         def inputs(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            return augment_batch(_batch(data, idx, spec, channels_last), config.augment, gen)
+            return augment_batch(_batch(data, idx, spec, channels_last), AUGMENT, gen)
 
         def both_views(idx: torch.Tensor) -> torch.Tensor:
             x = _batch(data, idx, spec, channels_last)
@@ -327,8 +393,15 @@ def _lopo_heads(model: AgeNet, start: dict, data: FoldData, spec: InputSpec, spa
 
 
 def summarise(predictions: pd.DataFrame) -> dict[str, float]:
-    """The thesis's table 4 columns, plus a 95% interval around the MAE from the errors' spread."""
+    """The thesis's table 4 columns, plus a 95% interval around the MAE from the errors' spread,
+    and ``mae_median_baseline``: the MAE of predicting for each held-out subject the median age
+    of the other subjects' images, the trivial predictor the MAE must beat."""
     errors = (predictions["predicted"] - predictions["age"]).abs()
+    ages, subjects = predictions["age"].to_numpy(dtype=float), predictions["subject"].to_numpy()
+    baseline = np.empty(len(ages))
+    for subject in np.unique(subjects):
+        held_out = subjects == subject
+        baseline[held_out] = np.median(ages[~held_out]) if (~held_out).any() else np.nan
     fold_mae = errors.groupby(predictions["subject"]).mean()
     half_width = 1.96 * errors.std(ddof=1) / math.sqrt(len(errors)) if len(errors) > 1 else 0.0
     return {"mae": float(errors.mean()), "median_ae": float(errors.median()),
@@ -337,5 +410,55 @@ def summarise(predictions: pd.DataFrame) -> dict[str, float]:
             "fold_mae_upper_quartile": float(fold_mae.quantile(0.75)),
             "mae_ci95_low": float(errors.mean() - half_width),
             "mae_ci95_high": float(errors.mean() + half_width),
+            "mae_median_baseline": float(np.abs(ages - baseline).mean()),
             "n_folds": int(len(fold_mae)), "n_images": int(len(errors)),
             "mean_signed_error": float((predictions["predicted"] - predictions["age"]).mean())}
+
+
+def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None = None,
+        init: Mapping | None = None) -> tuple[dict, pd.DataFrame]:
+    """The protocol as ``config`` says; write its outputs (see the module's docstring) and
+    return (metrics.json's content, MAE per subject). ``init``: ``config.model`` already read,
+    if the caller has it. ``on_fold(subject, predictions)`` sees each newly finished fold."""
+    device = pick_device(config.device)
+    manifest, crops = load_prepared(config.manifest)
+    space = label_space_for(manifest)
+    torch.manual_seed(config.seed)  # a fresh output layer starts the same in every run and fold
+    if config.model is not None:
+        init = init if init is not None else read_init(config.model)
+        space = inherited_labels(init, space)
+        model, spec, fresh = model_from_init(init, space.values)
+        print(f"{config.model}: {model.arch}, re-initialised: {', '.join(fresh) or 'nothing'}")
+        meta = dict(init["meta"])
+    else:
+        model = create_model(config.backbone, space.size, config.pretrained,
+                             Path(config.weights) if config.weights else None)
+        spec = model.load_report.input_spec if model.load_report else IMAGENET
+        meta = {"backbone": config.backbone, "arch": model.arch, "input_spec": asdict(spec),
+                "pretrained": config.pretrained, "seed": config.seed}
+    config = replace(config, input_size=config.input_size or int(meta["input_size"]))
+    # a copy: state_dict() shares storage with the live weights, and every fold must start from
+    # these, not from the previous fold's model (which saw this fold's subject)
+    start = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
+    config.out.mkdir(parents=True, exist_ok=True)
+    predictions, final = run_lopo(model, start, spec, space, manifest, crops, config, device,
+                                  settings_key(config, init, device), on_fold)
+
+    out = config.out
+    summary = summarise(predictions) | {"mode": config.mode, "backbone": meta["backbone"],
+                                        "model": str(out / "model.pt")}
+    to_csv_atomic(predictions, out / "predictions.csv")
+    error = (predictions["predicted"] - predictions["age"]).abs()
+    folds = (predictions.assign(error=error).groupby("subject", sort=True)
+             .agg(n=("age", "size"), mean_age=("age", "mean"), mae=("error", "mean")).reset_index())
+    to_csv_atomic(folds, out / "folds.csv")
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    meta |= {"ages": list(space.values), "mode": config.mode,
+             "dataset": str(manifest["dataset"].iloc[0]), "input_size": config.input_size,
+             "init": str(config.model or f"{config.backbone}:{config.pretrained}"),
+             "lopo": config.settings()}
+    torch_save_atomic({"model": {k: v.cpu() for k, v in final.state_dict().items()},
+                       "meta": meta, "epoch": config.epochs - 1, "metrics": summary},
+                      out / "model.pt")
+    shutil.rmtree(out / FOLDS_DIR)  # only now: every output is written
+    return summary, folds

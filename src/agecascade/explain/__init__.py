@@ -1,1 +1,1 @@
-"""Explainability maps (Grad-CAM) for age networks."""
+"""Explainability maps (Grad-CAM) for age networks, and the before/after figure (``figure``)."""

@@ -27,6 +27,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import Tensor, nn
 
+from agecascade.errors import UserError
 from agecascade.nets import AgeNet, dex_age
 from agecascade.nets.weights import InputSpec
 from agecascade.train.data import to_input
@@ -89,9 +90,9 @@ def target_layer(model: AgeNet, input_size: int, min_side: int = MIN_SIDE) -> tu
         if runs[name] == 1 and len(shape) == 4 and min(shape[2:]) >= min_side:
             return name, blocks[name]
     last = dict(finished)[model.cam_layer_name]
-    raise ValueError(f"{model.arch} at {input_size} px: {model.cam_layer_name} gives a "
-                     f"{last[2:]} map and no block before it reaches {min_side}x{min_side}; "
-                     "use a larger input size")
+    raise UserError(f"{model.arch} at {input_size} px: {model.cam_layer_name} gives a "
+                    f"{last[2:]} map and no block before it reaches {min_side}x{min_side}; "
+                    "use a larger input size")
 
 
 @contextmanager

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agecascade.errors import UserError
+
 ENV_VAR = "AGECASCADE_AUTOSKLEARN_PYTHON"
 DEFAULT_PATH = Path(".venv-autosklearn")
 REQUIREMENTS = ("auto-sklearn==0.15.0", "numpy==1.23.5", "scipy==1.10.1")
@@ -110,7 +112,7 @@ def _run(command: list[str], what: str) -> str:
 def create_env(path: Path = DEFAULT_PATH, log=print) -> Path:
     """Build (or find up to date) the auto-sklearn venv at ``path``; return its python.
 
-    Raises OSError when the install fails (a half-built env is removed) and ValueError when
+    Raises OSError when the install fails (a half-built env is removed) and UserError when
     ``path`` is something other than a venv of ours, which is never overwritten.
     """
     ready = locate(path)
@@ -118,7 +120,7 @@ def create_env(path: Path = DEFAULT_PATH, log=print) -> Path:
         log(f"auto-sklearn environment at {path} is up to date ({read_stamp(path)['autosklearn']})")
         return ready
     if path.exists() and not (path / "pyvenv.cfg").is_file():
-        raise ValueError(f"{path} exists and is not a virtual environment; remove it or choose "
+        raise UserError(f"{path} exists and is not a virtual environment; remove it or choose "
                          "another --path")
     found = find_interpreter()
     if not isinstance(found, Interpreter):

@@ -28,6 +28,7 @@ from sklearn.metrics import mean_absolute_error, r2_score
 from sklearn.model_selection import GroupKFold
 from threadpoolctl import threadpool_limits
 
+from agecascade.errors import UserError
 from agecascade.features import automl_env
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class EngineConfig:
 
     @property
     def per_run_limit(self) -> int:
-        """auto-sklearn's own default, a tenth of the budget, but at least 10 s: at a 30 s
-        budget its 3 s let a busy machine time out every model, leaving no ensemble at all."""
+        """auto-sklearn's own default, a tenth of the budget, but at least 10 s: at the
+        minimum budget of 30 s a tenth is 3 s, too little for a model fit on a busy machine,
+        and a run whose every fit times out has no ensemble at all."""
         return self.per_run or max(10, self.autosklearn_budget // 10)
 
 
@@ -77,11 +79,11 @@ def make_folds(groups: Sequence, k: int) -> np.ndarray:
     """Fold id per row: leave one subject out (k = 0, the thesis's protocol) or GroupKFold(k)."""
     names, group_id = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     if len(names) < 2:
-        raise ValueError(f"folds need at least 2 subjects, the data has {len(names)}")
+        raise UserError(f"folds need at least 2 subjects, the data has {len(names)}")
     if k == 0:
         return group_id.astype(np.int64)
     if not 2 <= k <= len(names):
-        raise ValueError(f"folds must be 0 (leave one subject out) or between 2 and the number "
+        raise UserError(f"folds must be 0 (leave one subject out) or between 2 and the number "
                          f"of subjects ({len(names)}), not {k}")
     fold = np.empty(len(group_id), dtype=np.int64)
     for index, (_, test) in enumerate(GroupKFold(n_splits=k).split(group_id, groups=group_id)):
@@ -154,7 +156,7 @@ def run_in_process(engine: str, tasks: dict[str, np.ndarray], y: np.ndarray, gro
     fit_predict = IN_PROCESS[engine]
     outcomes = []
     # OpenMP (HGB, LightGBM) with a thread per core spins itself to a standstill on a busy
-    # machine: 40 s instead of 0.5 s for one small HGB fit measured on 2 shared cores.
+    # machine (see the README's timings), so the thread count is the user's choice, not OpenMP's.
     with threadpool_limits(limits=config.threads):
         for task, X in tasks.items():
             outcomes.append(_run_task(engine, fit_predict, version, task, X, y, groups, fold, config))

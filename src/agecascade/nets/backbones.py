@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from agecascade.errors import UserError
 from agecascade.nets.weights import LoadReport, load_imagenet, load_vggface2
 
 __all__ = ["BACKBONES", "PRETRAINED", "AgeNet", "create_model", "freeze_features"]
@@ -212,7 +213,7 @@ def resnet50(num_classes: int, pretrained: str, weights: Path | None,
     layout = layout or ("torchvision" if pretrained == "imagenet" else "caffe")
     wanted = {"imagenet": "torchvision", "vggface2": "caffe"}.get(pretrained, layout)
     if layout != wanted:
-        raise ValueError(f"{pretrained} weights need resnet50-{wanted}, not resnet50-{layout}")
+        raise UserError(f"{pretrained} weights need resnet50-{wanted}, not resnet50-{layout}")
     if layout == "torchvision":
         return _resnet_agenet(
             tvm.resnet50(weights=None), num_classes, "resnet50-torchvision", pretrained,
@@ -224,7 +225,7 @@ def resnet50(num_classes: int, pretrained: str, weights: Path | None,
 def senet50(num_classes: int, pretrained: str, weights: Path | None) -> AgeNet:
     """SE-ResNet-50 as released with VGGFace2 (``senet50_ft`` / ``senet50_scratch``)."""
     if pretrained == "imagenet":
-        raise ValueError("senet50 has no ImageNet weights in torchvision; use "
+        raise UserError("senet50 has no ImageNet weights in torchvision; use "
                          "pretrained='vggface2' with a senet50_*_weight.pkl, or 'none'")
     trunk = caffe_layout(ResNet(SEBottleneck, [3, 4, 6, 3]))
     return _resnet_agenet(trunk, num_classes, "senet50", pretrained,
@@ -248,7 +249,7 @@ def _final_linear(net: nn.Module, name: str) -> str:
         last_name, last = list(child.named_children())[-1]
         if isinstance(last, nn.Linear):
             return f"{child_name}.{last_name}"
-    raise ValueError(f"torchvision model {name!r} does not end in a Linear classifier (its last "
+    raise UserError(f"torchvision model {name!r} does not end in a Linear classifier (its last "
                      f"part {child_name!r} is {type(child).__name__}); it cannot take an age head")
 
 
@@ -265,10 +266,10 @@ def _last_block(net: nn.Module, classifier: str) -> str:
 def torchvision_model(name: str, num_classes: int, pretrained: str) -> AgeNet:
     """A torchvision classifier: trunk = the model with its final Linear replaced by Identity."""
     if name in _AUX_OUTPUTS:
-        raise ValueError(f"{name} returns auxiliary classifier outputs while training; "
+        raise UserError(f"{name} returns auxiliary classifier outputs while training; "
                          "AgeNet needs one logits tensor: choose another model")
     if pretrained == "vggface2":
-        raise ValueError(f"VGGFace2 weights exist only for {BACKBONES}, not {name!r}")
+        raise UserError(f"VGGFace2 weights exist only for {BACKBONES}, not {name!r}")
     net = tvm.get_model(name, weights=None)
     classifier = _final_linear(net, name)
     width = net.get_submodule(classifier).in_features
@@ -277,7 +278,7 @@ def torchvision_model(name: str, num_classes: int, pretrained: str) -> AgeNet:
     if pretrained == "imagenet":
         available = tvm.get_model_weights(name)
         if "IMAGENET1K_V1" not in available.__members__:
-            raise ValueError(f"torchvision has no IMAGENET1K_V1 weights for {name}; it has "
+            raise UserError(f"torchvision has no IMAGENET1K_V1 weights for {name}; it has "
                              f"{list(available.__members__)}")
         report = load_imagenet(net, available["IMAGENET1K_V1"], drop=(classifier + ".",))
     head = nn.Sequential(he_init(nn.Linear(width, num_classes)))
@@ -302,18 +303,18 @@ def create_model(backbone: str, num_classes: int, pretrained: str = "none",
     ``create_model(model.arch, K)``: for resnet50 the layout depends on the weights it started from.
     """
     if pretrained not in PRETRAINED:
-        raise ValueError(f"pretrained must be one of {PRETRAINED}, not {pretrained!r}")
+        raise UserError(f"pretrained must be one of {PRETRAINED}, not {pretrained!r}")
     if (pretrained == "vggface2") != (weights is not None):
-        raise ValueError("a weights file goes with pretrained='vggface2' and only with it "
+        raise UserError("a weights file goes with pretrained='vggface2' and only with it "
                          f"(got pretrained={pretrained!r}, weights={weights})")
     if num_classes < 2:
-        raise ValueError(f"an age classifier needs at least 2 classes, not {num_classes}")
+        raise UserError(f"an age classifier needs at least 2 classes, not {num_classes}")
     if backbone in _THESIS_BUILDERS:
         model = _THESIS_BUILDERS[backbone](num_classes, pretrained, weights)
     elif backbone in tvm.list_models(module=tvm):
         model = torchvision_model(backbone, num_classes, pretrained)
     else:
-        raise ValueError(f"unknown backbone {backbone!r}: use one of {BACKBONES} or a torchvision "
+        raise UserError(f"unknown backbone {backbone!r}: use one of {BACKBONES} or a torchvision "
                          "classification model name (torchvision.models.list_models)")
     if model.load_report is not None:
         log.info("%s: %s", model.arch, model.load_report)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
 
+from agecascade.errors import UserError
 from agecascade.nets.backbones import AgeNet
 
 __all__ = ["split_trunk", "trunk_blocks"]
@@ -34,7 +35,7 @@ def trunk_blocks(model: AgeNet) -> list[str]:
     elif isinstance(getattr(trunk, "features", None), nn.Sequential):   # torchvision's
         names = [f"features.{i}" for i in range(len(trunk.features))]
     else:
-        raise ValueError(f"{model.arch}: its trunk is not a known chain of blocks (a ResNet or a "
+        raise UserError(f"{model.arch}: its trunk is not a known chain of blocks (a ResNet or a "
                          "model with a `features` Sequential); partial fine-tuning cannot split it")
     return [f"features.{name}" for name in names]
 
@@ -56,7 +57,7 @@ def split_trunk(model: AgeNet, train_blocks: int, probe: torch.Tensor) -> tuple[
     blocks = trunk_blocks(model)
     weighted = _parameterised(model, blocks)
     if not 0 < train_blocks < len(weighted):
-        raise ValueError(f"train_blocks must be between 1 and {len(weighted) - 1} for "
+        raise UserError(f"train_blocks must be between 1 and {len(weighted) - 1} for "
                          f"{model.arch} (its trunk has {len(weighted)} blocks with weights)")
     first_trained = blocks.index(weighted[-train_blocks])
     stem_names, tail = blocks[:first_trained], copy.deepcopy(model)
@@ -72,7 +73,7 @@ def split_trunk(model: AgeNet, train_blocks: int, probe: torch.Tensor) -> tuple[
     expected, got = model(probe), tail(stem(probe))
     model.train(was_training)
     if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
-        raise ValueError(f"{model.arch}: its forward does more than run the trunk's blocks in "
+        raise UserError(f"{model.arch}: its forward does more than run the trunk's blocks in "
                          "order, so it cannot be split for partial fine-tuning; use a full "
                          "fine-tune (train_blocks 0)")
     return stem, tail

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
+from agecascade.errors import MissingInput, UserError
+
 __all__ = [
     "InputSpec", "LoadReport", "NumpyOnlyUnpickler", "cached_checkpoint", "load_imagenet",
     "load_vggface2", "read_weights_file", "vgg_face_conv_names",
@@ -131,11 +133,11 @@ def _read_pkl(path: Path) -> dict[str, Tensor]:
         # latin1: the published .pkl files were written by Python 2, whose str holds the raw bytes
         data = NumpyOnlyUnpickler(handle, encoding="latin1").load()
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a dict name -> numpy array, not {type(data).__name__}")
+        raise UserError(f"{path}: expected a dict name -> numpy array, not {type(data).__name__}")
     state = {}
     for key, value in data.items():
         if not (isinstance(value, np.ndarray) and value.dtype.kind in "fiu"):
-            raise ValueError(f"{path}: entry {key!r} is not a numeric numpy array "
+            raise UserError(f"{path}: entry {key!r} is not a numeric numpy array "
                              f"({type(value).__name__})")
         state[str(key)] = torch.tensor(value)  # a copy: unpickled arrays may be read-only
     return state
@@ -144,7 +146,7 @@ def _read_pkl(path: Path) -> dict[str, Tensor]:
 def _read_pth(path: Path) -> dict[str, Tensor]:
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not (isinstance(data, Mapping) and all(isinstance(v, Tensor) for v in data.values())):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), found "
+        raise UserError(f"{path}: expected a state dict (name -> tensor), found "
                          f"{type(data).__name__} with other values")
     return dict(data)
 
@@ -153,11 +155,11 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
     """A ``.pkl`` (numpy dict, restricted unpickler) or ``.pth``/``.pt`` (torch, weights_only)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise MissingInput(f"weights file {path} does not exist")
     readers: dict[str, Callable[[Path], dict[str, Tensor]]] = {
         ".pkl": _read_pkl, ".pth": _read_pth, ".pt": _read_pth}
     if path.suffix not in readers:
-        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; expected one of "
+        raise UserError(f"{path}: unknown weights format {path.suffix!r}; expected one of "
                          f"{sorted(readers)}")
     return readers[path.suffix](path)
 
@@ -189,7 +191,7 @@ def _load_checked(module: nn.Module, state: Mapping[str, Tensor], skipped: list[
     if missing or unexpected or mismatched:
         found = {"missing": missing, "unexpected": unexpected, "shape-mismatched": mismatched}
         parts = [f"{len(names)} {kind} ({_first(names)})" for kind, names in found.items() if names]
-        raise ValueError(f"{source} does not fit {target}: " + "; ".join(parts))
+        raise UserError(f"{source} does not fit {target}: " + "; ".join(parts))
     module.load_state_dict(state, strict=False)  # checked above; only the counters may be absent
     return LoadReport(source, len(state), tuple(skipped), spec)
 
@@ -203,7 +205,7 @@ def cached_checkpoint(weights: WeightsEnum) -> Path:
     name = Path(urlparse(weights.url).path).name
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"ImageNet weights {weights} need the file {name} at {path}; it is not there and "
             "nothing is downloaded. Put the file there, or point TORCH_HOME at a directory "
             f"whose hub/checkpoints/ holds {name}.")
@@ -256,5 +258,5 @@ def load_vggface2(module: nn.Module, layout: str, path: Path) -> LoadReport:
         state, skipped = _split(raw, ("fc.",))
         spec = VGGFACE2_CAFFE
     else:
-        raise ValueError(f"no VGGFace2 layout for {layout!r}; known: vgg16, resnet50, senet50")
+        raise UserError(f"no VGGFace2 layout for {layout!r}; known: vgg16, resnet50, senet50")
     return _load_checked(module, state, skipped, str(path), f"{layout} (VGGFace2 layout)", spec)

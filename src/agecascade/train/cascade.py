@@ -14,6 +14,11 @@ from agecascade.nets import AgeNet, create_model
 from agecascade.nets.weights import InputSpec
 from agecascade.train.data import LabelSpace
 
+# The thesis's three ways to reach a target dataset; `train` and `lopo` both take --mode.
+MODES = {"a": "frozen backbone, classifier layers trained",
+         "b": "full fine-tune (IMDB -> target)",
+         "c": "full fine-tune (IMDB -> AgeDB -> target)"}
+
 
 def load_init(model: AgeNet, state: dict, old_labels: tuple[float, ...],
               new_labels: tuple[float, ...]) -> list[str]:

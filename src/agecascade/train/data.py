@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from agecascade.errors import UserError
 from agecascade.nets.weights import InputSpec
 
 # torchvision's ImageNet convention; also used for randomly initialised networks.
@@ -44,6 +45,15 @@ class LabelSpace:
 
     def tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.tensor(self.values, dtype=torch.float32, device=device)
+
+
+def label_space_for(manifest: pd.DataFrame) -> LabelSpace:
+    """One class per year over the manifest's ages: what an age-training stage predicts."""
+    ages = manifest["age"].astype(float)
+    if ages.isna().any():
+        raise UserError(f"this stage trains on ages; {int(ages.isna().sum())} manifest rows "
+                        "have none")
+    return LabelSpace.from_ages(ages)
 
 
 # --- splits -------------------------------------------------------------------------------

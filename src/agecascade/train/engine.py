@@ -1,18 +1,18 @@
 """The epoch loop in the torchvision-references manner: `train_one_epoch`, `evaluate`, `fit`.
 
-`fit` writes ``last.pt`` after every epoch but the last (atomically), and starts from it when it
-exists, so a run killed at any moment resumes from its last finished epoch (killed after the last
-one, it trains that epoch again and ends the same). All randomness is drawn from
-generators seeded by (seed, epoch) plus the saved global torch RNG state, so on the CPU a
-resumed run ends with exactly the metrics of an uninterrupted one.
+`fit` writes ``last.pt`` after every epoch, the last one included: the optimiser, scheduler and
+RNG state, the history, and the best weights so far with their epoch and scores. ``dvc repro``
+deletes a stage's outs (``model.pt``) before it reruns the stage, but ``last.pt`` is no out, so a
+run killed at any moment resumes from its last finished epoch and restores ``model.pt`` from it.
+The caller deletes ``last.pt`` (:func:`clear_resume_point`) once its own outputs are written.
+All randomness is drawn from generators seeded by (seed, epoch) plus the saved global torch RNG
+state, so on the CPU a resumed run ends with exactly the metrics of an uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,20 +21,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from agecascade.cache import fingerprint, torch_save_atomic
+from agecascade.errors import UserError
 from agecascade.nets.weights import InputSpec
 
 from .data import IMAGENET, Augment, augment_batch, normalise, to_input, to_unit
 from .degrade import Degrade, degrade_batch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 32
-    patience: int = 5            # ReduceLROnPlateau: halve the LR after this many flat epochs
-    input_size: int = 224
-    seed: int = 0
+    """What the epoch loop needs. The settings a user chooses have no default here: each
+    caller's config holds them (``FinetuneConfig`` for `train`), so a default lives in one place.
+    The rest default to the thesis's augmentation, and no old-photo effects or batch cap."""
+    epochs: int
+    lr: float
+    batch_size: int
+    patience: int                # ReduceLROnPlateau: halve the LR after this many flat epochs
+    input_size: int
+    seed: int
     augment: Augment = field(default_factory=Augment)
     degrade: Degrade = field(default_factory=Degrade)  # old-photo looks; off in the thesis
     input_spec: InputSpec = IMAGENET  # pixel convention of the pretrained weights
@@ -42,8 +47,8 @@ class TrainConfig:
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
-    """The thesis's optimiser, with the fused kernel (CPU and CUDA): on 2 CPU cores one step over
-    65M weights (five stacked VGG-16 heads) took 0.55 s for-each and 0.05 s fused."""
+    """The thesis's optimiser, with the fused kernel (CPU and CUDA): many times cheaper per step
+    than the for-each one on the CPU, where the demo trains (see the README for figures)."""
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
@@ -51,8 +56,11 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:  # torch's message names the device types it knows
+        raise UserError(f"--device {name}: {err}") from None
 
 
 def autocast(device: torch.device):
@@ -85,7 +93,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         total += loss.item() * len(labels)
         seen += len(labels)
     if seen == 0:
-        raise ValueError("the training split is empty")
+        raise UserError("the training split is empty")
     return {"train_loss": total / seen, "train_images_per_s": seen / (time.perf_counter() - start)}
 
 
@@ -115,15 +123,24 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, input_s
             "val_mae": (predicted - true_age).abs().mean().item()}
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill -9 leaves either the old or the new file, never half of one
+LAST, BEST = "last.pt", "model.pt"
+
+
+def clear_resume_point(out: Path) -> None:
+    """Delete ``out/last.pt``: call it once every output that marks the run finished is written
+    (earlier, a kill would leave neither the outputs nor a point to resume from)."""
+    (out / LAST).unlink(missing_ok=True)
+
+
+def _save_best(out: Path, best: dict, meta: dict) -> None:
+    torch_save_atomic({"model": best["model"], "meta": meta, "epoch": best["epoch"],
+                       "metrics": best["metrics"]}, out / BEST)
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages: torch.Tensor,
         optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device, out: Path,
-        meta: dict, on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+        meta: dict, on_epoch: Callable[[int, dict], None] | None = None,
+        key: str | None = None) -> list[dict]:
     """Train ``config.epochs`` epochs; keep the lowest-val-MAE weights in ``out/model.pt``.
 
     The LR schedule follows the validation loss, as in the thesis; the kept model follows the
@@ -131,26 +148,30 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
     punishes a one-year miss as hard as a fifty-year one).
 
     ``meta`` (primitives only) is stored in every checkpoint so a model file says what it is.
-    Returns the per-epoch history, including epochs restored from ``out/last.pt``.
+    ``key`` decides whether an existing ``out/last.pt`` may be resumed: a fingerprint of the
+    content the run depends on (starting weights, data, code, settings); without one, ``meta``
+    and ``config`` decide. ``on_epoch`` sees the epochs trained in this call only.
+    Returns the per-epoch history, restored epochs included.
     """
     out.mkdir(parents=True, exist_ok=True)
-    last, best_path = out / "last.pt", out / "model.pt"
+    key = key or fingerprint(meta=meta, config=config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                                            patience=config.patience)
     history: list[dict] = []
-    start_epoch, best = 0, math.inf
-    # last.pt exists only when a run was interrupted: a finished run deletes it
-    state = torch.load(last, map_location=device, weights_only=True) if last.exists() else None
-    if state is not None and (state["meta"] != meta or state["config"] != asdict(config)):
-        print(f"{last} is from a run with other settings: starting over")
+    start_epoch, best = 0, None
+    state = torch.load(out / LAST, map_location=device, weights_only=True) \
+        if (out / LAST).exists() else None
+    if state is not None and state.get("key") != key:
+        print(f"{out / LAST} is from other weights, data, code or settings: training afresh")
         state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        history, start_epoch, best = state["history"], state["epoch"] + 1, state["best_val_mae"]
-        print(f"resuming {out} after epoch {state['epoch'] + 1}/{config.epochs}")
+        history, start_epoch, best = state["history"], state["epoch"] + 1, state["best"]
+        _save_best(out, best, meta)  # dvc repro deleted model.pt before rerunning the stage
+        print(f"resuming from epoch {start_epoch} of {config.epochs} ({out / LAST})")
 
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -159,18 +180,21 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step(metrics["val_loss"])
         history.append({"epoch": epoch + 1, **metrics})
-        if metrics["val_mae"] < best:
-            best = metrics["val_mae"]
-            _save_atomic({"model": model.state_dict(), "meta": meta, "epoch": epoch,
-                          "metrics": metrics}, best_path)
-        if epoch + 1 < config.epochs:  # after the last epoch a rerun needs no resume point
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                          "epoch": epoch, "history": history, "best_val_mae": best,
-                          "meta": meta, "config": asdict(config)}, last)
+        weights = model.state_dict()
+        improved = best is None or metrics["val_mae"] < best["metrics"]["val_mae"]
+        if improved:
+            # the live tensors: torch.save stores tensors shared within one file once, so
+            # last.pt holds these weights once although they are both "model" and "best"
+            best = {"model": weights, "epoch": epoch, "metrics": metrics}
+            _save_best(out, best, meta)
+        torch_save_atomic({"model": weights, "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                           "epoch": epoch, "history": history, "best": best, "key": key},
+                          out / LAST)
+        if improved:  # the next epochs change the live tensors: keep a copy of the best ones
+            best = {**best, "model": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}}
         print(f"epoch {epoch + 1}/{config.epochs}  " + "  ".join(
             f"{k} {v:.4g}" for k, v in metrics.items()))
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
-    last.unlink(missing_ok=True)  # finished: a rerun (new deps, say) must start from scratch
     return history

@@ -7,6 +7,7 @@ from typing import Callable
 
 import pandas as pd
 
+from agecascade.errors import UserError
 from ..report import DropReport
 from .adience import read_adience
 from .agedb import read_agedb
@@ -28,5 +29,5 @@ ADAPTERS: dict[str, Adapter] = {
 
 def get_adapter(dataset: str) -> Adapter:
     if dataset not in ADAPTERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(ADAPTERS)}")
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(ADAPTERS)}")
     return ADAPTERS[dataset]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..manifest import DatasetLayoutError, make_row, require_dir, to_frame
+from ..manifest import DatasetLayoutError, make_row, path_below_root, require_dir, to_frame
 from ..report import DropReport
 
 EXPECTED = ("ROOT/fold_0_data.txt ... fold_4_data.txt (tab-separated) and "
@@ -63,10 +63,15 @@ def read_adience(root: Path) -> tuple[pd.DataFrame, DropReport]:
                     report.drop(where, "row_malformed", f"{len(fields)} fields")
                     continue
                 user_id, original, face_id, age_text, gender = fields[:5]
-                rel = f"faces/{user_id}/coarse_tilt_aligned_face.{face_id}.{original}"
+                name = f"coarse_tilt_aligned_face.{face_id}.{original}"
+                safe = path_below_root("faces", user_id, name)
+                rel = safe or f"faces/{user_id}/{name}"  # the report names what the row said
                 group, reason = parse_age_field(age_text)
                 if reason:
                     report.drop(rel, reason, f"{where} age={age_text!r}")
+                    continue
+                if safe is None:  # checked just before the disk is touched, after the age rules
+                    report.drop(rel, "path_outside_root", where)
                     continue
                 if not (root / rel).is_file():
                     report.drop(rel, "image_missing", where)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from agecascade.data.store import load_prepared
+from agecascade.errors import UserError
 from agecascade.nets.checkpoint import input_spec, load_checkpoint
 from agecascade.train.data import LabelSpace, assign_split, make_loader
 from agecascade.train.engine import pick_device, predict
@@ -28,13 +29,13 @@ def main(args: argparse.Namespace) -> int:
     manifest, crops = load_prepared(args.manifest)
     ages = manifest["age"].to_numpy(dtype=float)
     if np.isnan(ages).any():
-        raise ValueError(f"{args.manifest}: rows without an age cannot be scored by MAE")
+        raise UserError(f"{args.manifest}: rows without an age cannot be scored by MAE")
     rows = np.arange(len(manifest))
     if args.split != "all":
         split = assign_split(manifest, meta["val_fraction"], meta["test_fraction"], meta["seed"])
         rows = np.flatnonzero(split == args.split)
     if len(rows) == 0:
-        raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
+        raise UserError(f"no rows in split {args.split!r} of {args.manifest}")
     space = LabelSpace(tuple(meta["ages"]))
     loader = make_loader(crops, space.encode(ages), rows, args.batch, False, 0, 0, False)
     _, _, predicted = predict(model, loader, device, meta["input_size"], space.tensor(device),

@@ -1,0 +1,1 @@
+"""Commands a user runs by hand, not DVC stages (those live in ``agecascade.pipelines``)."""

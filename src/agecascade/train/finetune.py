@@ -1,0 +1,210 @@
+"""One fine-tuning run, one step of the cascade: the `train` stage's settings and computation.
+
+:func:`run` writes into ``config.out``: model.pt (lowest validation MAE), metrics.json,
+history.csv (per-epoch curves for `dvc plots`), and while it runs last.pt, the resume point: a
+rerun with the same starting weights, data, code and settings (see :func:`resume_key`) resumes
+from it. The caller deletes last.pt (``engine.clear_resume_point``) once it has done its own
+work with the results, so a kill before then resumes instead of retraining. Nothing here logs
+to an experiment tracker: :func:`run` reports each epoch to the caller's ``on_epoch``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint,
+                              store_fingerprint, to_csv_atomic, weights_fingerprint,
+                              write_text_atomic)
+from agecascade.config import option
+from agecascade.data.store import load_prepared
+from agecascade.errors import MissingInput, UserError
+from agecascade.nets import BACKBONES, PRETRAINED, AgeNet, create_model, freeze_features
+from agecascade.nets.checkpoint import input_spec
+from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
+from agecascade.train.data import IMAGENET, LabelSpace, assign_split, label_space_for, make_loader
+from agecascade.train.degrade import Degrade
+from agecascade.train.engine import TrainConfig, adam, evaluate, fit, pick_device
+
+# The settings tune.py's best.json chooses (`agecascade train --hparams`).
+HPARAMS = ("lr", "batch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Every setting of the `train` stage and its default (the thesis's); the command line is
+    built from it, so a default lives here only."""
+    manifest: Path = option(help="a `prepare` output folder")
+    backbone: str = option(help=f"{', '.join(BACKBONES)} or any torchvision classification model")
+    pretrained: str = option("none", choices=PRETRAINED,
+                             help="the backbone's starting weights (without --init)")
+    weights: str = option("", help="checkpoint file for --pretrained vggface2")
+    init: Path | None = option(None, help="model.pt of the previous cascade stage: it fixes the "
+                                          "architecture and the starting weights")
+    mode: str = option("b", choices=tuple(MODES),
+                       help="; ".join(f"{k}: {v}" for k, v in MODES.items()))
+    epochs: int = option(1)
+    lr: float = option(1e-3)
+    batch: int = option(32, help="training images per step")
+    max_train_batches: int = option(0, help="cap batches per epoch (0 = whole epoch)")
+    patience: int = option(5, help="halve the LR after this many epochs without a lower "
+                                   "validation loss")
+    degrade: float = option(0.0, help="probability of each old-photo effect (greyscale or sepia, "
+                                      "blur, JPEG) per training image; 0 = the thesis's "
+                                      "geometric augmentation only")
+    input_size: int = option(224, help="network input side in pixels")
+    val_fraction: float = option(0.2, help="share of the subjects kept for validation")
+    test_fraction: float = option(0.0, help="share of the subjects held out from training and "
+                                            "validation, scored at the end")
+    max_images: int = option(0, help="train on a seeded subsample of this many images (0 = all)")
+    seed: int = option(0)
+    workers: int = option(0, help="data-loader processes")
+    device: str = option("auto", help="auto (CUDA when available), cpu, or a torch device "
+                                      "such as cuda:1")
+    out: Path = option(help="folder of model.pt, metrics.json and history.csv")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"--mode {self.mode!r}: use one of {tuple(MODES)}")
+        if self.pretrained not in PRETRAINED:
+            raise UserError(f"--pretrained {self.pretrained!r}: use one of {PRETRAINED}")
+        if self.init is None and (self.pretrained == "vggface2") != bool(self.weights):
+            raise UserError("--weights goes with --pretrained vggface2, and only with it "
+                            f"(got --pretrained {self.pretrained}, --weights {self.weights!r})")
+        if min(self.epochs, self.batch, self.input_size) < 1 or not self.lr > 0:
+            raise UserError(f"--epochs, --batch and --input-size must be >= 1 and --lr > 0 (got "
+                            f"{self.epochs}, {self.batch}, {self.input_size}, {self.lr:g})")
+        if min(self.max_train_batches, self.patience, self.max_images, self.workers) < 0:
+            raise UserError("--max-train-batches, --patience, --max-images and --workers must "
+                            "be >= 0")
+        if not 0 <= self.degrade <= 1:
+            raise UserError(f"--degrade {self.degrade:g}: a probability, between 0 and 1")
+        if not (0 < self.val_fraction and 0 <= self.test_fraction
+                and self.val_fraction + self.test_fraction < 1):
+            raise UserError(f"--val-fraction {self.val_fraction:g} and --test-fraction "
+                            f"{self.test_fraction:g}: the first > 0, the second >= 0, and "
+                            "together < 1 so that some subjects are left to train on")
+
+
+def read_hparams(path: Path) -> dict:
+    """The settings a grid chose (its best.json), as config fields: {"lr": ..., "batch": ...}."""
+    if not Path(path).is_file():
+        raise MissingInput(f"--hparams {path}: no such file; run `agecascade tune` first")
+    chosen = json.loads(Path(path).read_text())
+    missing = [name for name in HPARAMS if name not in chosen]
+    if missing:
+        raise UserError(f"--hparams {path}: lacks {missing}; not a best.json of `agecascade tune`")
+    return {"lr": float(chosen["lr"]), "batch": int(chosen["batch"])}
+
+
+# Settings that change no result: the places of files (their content counts instead, see
+# resume_key), the loader's processes and the device's name (its type counts).
+NOT_RESULT_SHAPING = ("manifest", "init", "weights", "out", "workers", "device")
+
+
+def resume_key(config: FinetuneConfig, init: dict | None, device: torch.device) -> str:
+    """What decides whether ``out/last.pt`` may be resumed, by content: the --init checkpoint's
+    tensors (not its path), else the pretrained weights; the crop store; the code; the device
+    type; and every setting that changes a result."""
+    settings = {k: v for k, v in asdict(config).items() if k not in NOT_RESULT_SHAPING}
+    start = (checkpoint_fingerprint(init) if init is not None
+             else weights_fingerprint(config.pretrained, config.weights or None))
+    return fingerprint(settings=settings, device=device.type, start=start,
+                       store=store_fingerprint(config.manifest), code=code_version())
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a run starts from, read once, so that the caller can log ``key`` before training."""
+    init: dict | None        # the --init checkpoint as read_init returns it
+    device: torch.device
+    key: str                 # resume_key
+
+
+def starting_point(config: FinetuneConfig) -> Start:
+    init = read_init(config.init) if config.init else None
+    device = pick_device(config.device)
+    return Start(init, device, resume_key(config, init, device))
+
+
+def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = None,
+        start: Start | None = None) -> tuple[dict, AgeNet]:
+    """Train as ``config`` says; return the summary (metrics.json) and the model holding the
+    kept weights. ``start``: :func:`starting_point` of this config, if the caller has it."""
+    start = start or starting_point(config)
+    init, device = start.init, start.device
+    manifest, crops = load_prepared(config.manifest)
+    if config.max_images and len(manifest) > config.max_images:
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(manifest), config.max_images,
+                                                                 replace=False))
+        manifest, crops = manifest.iloc[keep].reset_index(drop=True), crops[keep]
+    space = label_space_for(manifest)
+    if init is not None:
+        space = inherited_labels(init, space)
+    labels = space.encode(manifest["age"].to_numpy(dtype=float))
+    split = assign_split(manifest, config.val_fraction, config.test_fraction, config.seed)
+    rows = {part: np.flatnonzero(split == part) for part in ("train", "val", "test")}
+    if len(rows["train"]) == 0 or len(rows["val"]) == 0:
+        raise UserError(f"{config.manifest}: split left {len(rows['train'])} training and "
+                        f"{len(rows['val'])} validation images; use more data")
+
+    torch.manual_seed(config.seed)  # fresh layers (the output layer at least) start alike every run
+    if init is not None:  # the previous stage fixes the architecture and the pixel convention
+        model, spec, fresh = model_from_init(init, space.values)
+        print(f"initialised from {config.init}; re-initialised: {', '.join(fresh) or 'nothing'}")
+    else:
+        model = create_model(config.backbone, space.size, config.pretrained,
+                             Path(config.weights) if config.weights else None)
+        spec = model.load_report.input_spec if model.load_report else IMAGENET
+    if config.mode == "a":
+        freeze_features(model)
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda"
+                     else torch.contiguous_format)
+    loop = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch,
+                       patience=config.patience, input_size=config.input_size, seed=config.seed,
+                       max_train_batches=config.max_train_batches, input_spec=spec,
+                       degrade=Degrade.each(config.degrade))
+    optimizer = adam([p for p in model.parameters() if p.requires_grad], config.lr)
+    pin = device.type == "cuda"
+    train_loader = make_loader(crops, labels, rows["train"], config.batch, True, config.seed,
+                               config.workers, pin)
+    val_loader = make_loader(crops, labels, rows["val"], max(config.batch, 64), False,
+                             config.seed, config.workers, pin)
+    ages = space.tensor(device)
+    meta = {"backbone": config.backbone, "arch": model.arch, "input_spec": asdict(spec),
+            "pretrained": config.pretrained, "mode": config.mode,
+            "dataset": str(manifest["dataset"].iloc[0]), "ages": list(space.values),
+            "input_size": config.input_size, "init": str(config.init or ""), "seed": config.seed,
+            "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}
+    history = fit(model, train_loader, val_loader, ages, optimizer, loop, device, config.out,
+                  meta, on_epoch, start.key)
+    return finish(config, model, history, crops, labels, rows, ages, device, space), model
+
+
+def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np.ndarray,
+           labels: np.ndarray, rows: dict[str, np.ndarray], ages: torch.Tensor,
+           device: torch.device, space: LabelSpace) -> dict:
+    """Score the kept (lowest val MAE) weights; write metrics.json and history.csv."""
+    best = torch.load(config.out / "model.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    values = np.asarray(space.values)
+    median = np.median(values[labels[rows["train"]]])
+    summary = {"best_epoch": best["epoch"] + 1, "epochs": len(history),
+               "val_mae_median_baseline": float(np.abs(values[labels[rows["val"]]] - median).mean())}
+    kept = best["metrics"]  # the kept epoch's validation scores, measured in fit
+    summary |= {"val_loss": kept["val_loss"], "val_mae": kept["val_mae"],
+                "n_val": int(len(rows["val"]))}
+    if len(rows["test"]):
+        loader = make_loader(crops, labels, rows["test"], 64, False, 0, 0, False)
+        scores = evaluate(model, loader, device, config.input_size, ages,
+                          input_spec(best["meta"]))
+        summary |= {"test_loss": scores["val_loss"], "test_mae": scores["val_mae"],
+                    "n_test": int(len(rows["test"]))}
+    write_text_atomic(config.out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    to_csv_atomic(pd.DataFrame(history), config.out / "history.csv")
+    return summary
