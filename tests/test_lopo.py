@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -11,16 +13,26 @@ import pytest
 import torch
 
 import agecascade.evaluation.lopo as lopo
-from agecascade.cli import main
+from agecascade.cli import build_parser, main
+from agecascade.config import from_args
 from agecascade.data.manifest import make_row, to_frame
 from agecascade.data.store import CROPS, MANIFEST, create_store, load_prepared
-from agecascade.evaluation.lopo import LopoConfig, run_lopo, summarise, train_heads
+from agecascade.errors import UserError
+from agecascade.evaluation.lopo import LopoConfig, run_lopo, settings_key, summarise, train_heads
 from agecascade.nets import create_model
 from agecascade.nets.checkpoint import load_checkpoint
 from agecascade.train.data import IMAGENET, LabelSpace
 
 SIZE = 32
 SUBJECTS = 8
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def recipe(out: Path = Path("out"), manifest: Path = Path("fgnet"), **settings) -> LopoConfig:
+    """A config for the library functions: starting from a backbone, unless ``model`` is given."""
+    start = {} if "model" in settings else {"backbone": "resnet18"}
+    return LopoConfig(manifest=manifest, out=out, **({"input_size": SIZE} | start | settings))
 
 
 def write_fgnet_like(folder: Path, per_subject: int = 6, seed: int = 0) -> Path:
@@ -132,7 +144,7 @@ def test_heads_trained_together_equal_heads_trained_alone():
     features = torch.randn(2, 40, 6)
     labels = torch.randint(0, 4, (40,))
     masks = torch.rand(3, 40) > 0.3
-    config = LopoConfig(mode="a", epochs=3, lr=0.01, batch_size=8)
+    config = recipe(mode="a", epochs=3, lr=0.01, batch=8)
     together = train_heads(head, features, labels, masks, config, seed=5)
     for f in range(3):
         alone = train_heads(head, features, labels, masks[f:f + 1], config, seed=5)[0]
@@ -143,7 +155,7 @@ def test_heads_trained_together_equal_heads_trained_alone():
 def test_an_interrupted_run_trains_only_the_missing_folds(fgnet, init, tmp_path):
     manifest, crops = load_prepared(fgnet)
     space = LabelSpace(tuple(float(a) for a in range(100)))
-    config = LopoConfig(mode="b", epochs=1, batch_size=8, input_size=SIZE)
+    config = recipe(tmp_path, fgnet, mode="b", epochs=1, batch=8)
     model = create_model("resnet18", space.size)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     done: list[str] = []
@@ -154,17 +166,16 @@ def test_an_interrupted_run_trains_only_the_missing_folds(fgnet, init, tmp_path)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_lopo(model, start, IMAGENET, space, manifest, crops, config, torch.device("cpu"),
-                 tmp_path, "settings-1", crash_after_three)
+        run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "settings-1",
+                 crash_after_three)
     first = list(done)
-    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config,
-                              torch.device("cpu"), tmp_path, "settings-1",
-                              lambda subject, frame: done.append(subject))
+    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU,
+                              "settings-1", lambda subject, frame: done.append(subject))
     assert done[3:] == sorted(set(predictions["subject"]) - set(first))  # no fold trained twice
     # other settings must not reuse those folds
     again: list[str] = []
-    run_lopo(model, start, IMAGENET, space, manifest, crops, config, torch.device("cpu"),
-             tmp_path, "settings-2", lambda subject, frame: again.append(subject))
+    run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "settings-2",
+             lambda subject, frame: again.append(subject))
     assert len(again) == SUBJECTS
 
 
@@ -177,6 +188,12 @@ def test_summary_matches_hand_computed_figures():
     assert summary["fold_mae_median"] == pytest.approx(1.0)  # folds: a 1, b 6, c 1
     assert summary["mean_signed_error"] == pytest.approx(-3 / 4)
     assert summary["n_folds"] == 3
+    # the median of the other subjects' images per held-out subject: a gets median(30, 40) = 35
+    # (errors 25, 15), b median(10, 20, 40) = 20 (10), c median(10, 20, 30) = 20 (20)
+    assert summary["mae_median_baseline"] == pytest.approx((25 + 15 + 10 + 20) / 4)
+    # not the median of all images (25), which would have seen the held-out subject's ages
+    everyone = (predictions["age"] - predictions["age"].median()).abs().mean()
+    assert everyone == pytest.approx(10.0) != summary["mae_median_baseline"]
 
 
 def test_a_manifest_without_subjects_is_refused(fgnet, init, tmp_path, capsys):
@@ -197,42 +214,52 @@ def test_train_blocks_in_mode_a_is_refused(fgnet, init, tmp_path, capsys):
 
 
 def test_settings_key_follows_content_not_paths(fgnet, init, tmp_path):
-    from agecascade.evaluation.lopo import settings_key
     from agecascade.train.cascade import read_init
 
-    config = LopoConfig(mode="b", epochs=1, batch_size=8, input_size=SIZE)
+    def key(start: dict | None = None, **settings) -> str:
+        config = recipe(**({"out": tmp_path / "out", "manifest": fgnet, "model": init,
+                            "mode": "b", "epochs": 1, "batch": 8} | settings))
+        return settings_key(config, start if start is not None else read_init(config.model), CPU)
+
     store = shutil.copytree(fgnet, tmp_path / "store")
     moved = tmp_path / "elsewhere.pt"
     shutil.copy(init, moved)
-    base = settings_key(config, fgnet, read_init(init))
-    assert settings_key(config, store, read_init(moved)) == base  # copies: the same content
-    assert settings_key(LopoConfig(mode="b", epochs=2, batch_size=8, input_size=SIZE), fgnet,
-                        read_init(init)) != base
+    base = key()
+    # copies (the same content), and settings that change no result: the same key
+    assert key(manifest=store, model=moved) == base
+    assert key(out=tmp_path / "other", device="cpu") == base
+    assert key(epochs=2) != base
+    assert key(head_params_budget=1000) != base  # mode a trains heads in groups of this size
     changed = read_init(moved)
     changed["model"]["features.conv1.weight"][0, 0, 0, 0] += 1.0
-    assert settings_key(config, fgnet, changed) != base
+    assert key(changed) != base
+    assert settings_key(recipe(tmp_path, fgnet, model=init, mode="b", epochs=1, batch=8),
+                        read_init(init), torch.device("meta")) != base  # another device type
     crops = np.load(store / CROPS, mmap_mode="r+")
     crops[0, 0, 0, 0] ^= 1
     crops.flush()
-    assert settings_key(config, store, read_init(init)) != base
+    assert key(manifest=store) != base
     # mode a starts from a backbone's pretrained weights: the choice and the file's content count
-    mode_a = LopoConfig(mode="a", epochs=1, batch_size=8, input_size=SIZE)
     weights = tmp_path / "vggface2.pth"
     weights.write_bytes(b"face weights")
-    plain = settings_key(mode_a, fgnet, None, "resnet18", "none")
-    face = settings_key(mode_a, fgnet, None, "resnet18", "vggface2", weights)
-    assert len({plain, face, settings_key(mode_a, fgnet, None, "resnet18", "imagenet")}) == 3
+
+    def mode_a(pretrained: str = "none", weights: Path | str = "") -> str:
+        return settings_key(recipe(tmp_path, fgnet, mode="a", pretrained=pretrained,
+                                   weights=str(weights)), None, CPU)
+
+    plain, face = mode_a(), mode_a("vggface2", weights)
+    assert len({plain, face, mode_a("imagenet")}) == 3
     shutil.copy(weights, tmp_path / "copy.pth")
-    assert settings_key(mode_a, fgnet, None, "resnet18", "vggface2", tmp_path / "copy.pth") == face
+    assert mode_a("vggface2", tmp_path / "copy.pth") == face
     weights.write_bytes(b"other face weights")
-    assert settings_key(mode_a, fgnet, None, "resnet18", "vggface2", weights) != face
+    assert mode_a("vggface2", weights) != face
 
 
 def test_a_fold_whose_csv_write_failed_is_trained_again(fgnet, tmp_path, monkeypatch):
     """A fold file is whole or absent: a write cut short must not count as a finished fold."""
     manifest, crops = load_prepared(fgnet)
     space = LabelSpace(tuple(float(a) for a in range(100)))
-    config = LopoConfig(mode="a", epochs=1, batch_size=8, input_size=SIZE)
+    config = recipe(tmp_path, fgnet, mode="a", epochs=1, batch=8)
     torch.manual_seed(0)
     model = create_model("resnet18", space.size)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -252,14 +279,75 @@ def test_a_fold_whose_csv_write_failed_is_trained_again(fgnet, tmp_path, monkeyp
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", cut_short)
     with pytest.raises(OSError):
-        run_lopo(model, start, IMAGENET, space, manifest, crops, config, torch.device("cpu"),
-                 tmp_path, "key", None)
+        run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "key", None)
     monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
     assert len(list((tmp_path / lopo.FOLDS_DIR).glob("*.csv"))) == 2
     retrained: list[str] = []
-    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config,
-                              torch.device("cpu"), tmp_path, "key",
+    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "key",
                               lambda subject, frame: retrained.append(subject))
     subjects = sorted(predictions["subject"].unique())
     assert retrained == subjects[2:]  # the cut-short fold among them
     assert len(predictions) == SUBJECTS * 6 and predictions["path"].is_unique
+
+
+# --- the config -----------------------------------------------------------------------------
+
+def test_parser_defaults_are_the_configs():
+    """A default set in argparse alone, or a path or None lost in conversion, would differ."""
+    args = build_parser("lopo").parse_args(["lopo", "--manifest", "fgnet", "--model", "m.pt",
+                                            "--mode", "b", "--out", "out"])
+    assert from_args(LopoConfig, args) == LopoConfig(manifest=Path("fgnet"), model=Path("m.pt"),
+                                                     mode="b", out=Path("out"))
+    assert args.stage == "fgnet_lopo" and not args.no_track
+
+
+def test_dvc_yaml_commands_parse_into_the_params():
+    """Each `lopo_*` command as DVC resolves it from params.yaml: every option still exists
+    and carries the value params.yaml gives it."""
+    import yaml
+    from dvc.repo import Repo
+
+    commands = {s.addressing: s.cmd for s in Repo(str(REPO)).index.stages if s.cmd}
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    shared = params["train"]
+    for backbone, item in params["backbones"].items():
+        for mode, start in (("a", None), ("b", "imdb"), ("c", "agedb")):
+            argv = shlex.split(commands[f"lopo_{mode}@{backbone}"])
+            assert argv[:2] == ["agecascade", "lopo"], argv
+            config = from_args(LopoConfig, build_parser("lopo").parse_args(argv[1:]))
+            wanted = params["lopo"]["a" if mode == "a" else "finetune"]
+            assert config.mode == mode and config.manifest == Path("prepared/fgnet")
+            assert config.out == Path(f"models/{backbone}/fgnet_{mode}")
+            assert (config.epochs, config.batch) == (wanted["epochs"], wanted["batch"])
+            assert (config.input_size, config.seed, config.device) == \
+                (shared["input_size"], shared["seed"], shared["device"])
+            if mode == "a":
+                assert (config.backbone, config.pretrained, config.weights, config.lr) == \
+                    (backbone, item["pretrained"], item["weights"], wanted["lr"])
+                assert config.model is None
+            else:
+                assert config.model == Path(f"models/{backbone}/{start}/model.pt")
+                assert (config.lr, config.train_blocks) == (item["target_lr"],
+                                                            wanted["train_blocks"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": Path("m.pt"), "backbone": "resnet18"}, "give one of --model"),
+    ({"backbone": ""}, "give one of --model"),
+    ({"mode": "d"}, "--mode 'd'"),
+    ({"mode": "a", "train_blocks": 2}, "is for modes b and c"),
+    ({"input_size": 0}, "--input-size is needed"),
+    ({"pretrained": "vggface2"}, "--weights goes with --pretrained vggface2"),
+    ({"batch": 0}, "--batch and --head-params-budget must be >= 1"),
+    ({"train_blocks": -1}, "--train-blocks and --input-size >= 0"),
+])
+def test_bad_settings_are_refused_when_the_config_is_built(change, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        recipe(**({"mode": "b"} | change))
+
+
+def test_a_checkpoint_brings_its_own_weights_and_input_size(init):
+    with pytest.raises(UserError, match="--pretrained and --weights go with --backbone"):
+        LopoConfig(manifest=Path("fgnet"), model=init, pretrained="imagenet", mode="b",
+                   out=Path("out"))
+    assert LopoConfig(manifest=Path("fgnet"), model=init, mode="b", out=Path("out")).input_size == 0

@@ -47,3 +47,17 @@ def test_paper_profile_has_the_thesis_values(tmp_path):
     demo = compose(tmp_path)
     assert set(paper) == set(demo)
     assert all(set(paper[k]) == set(demo[k]) for k in demo if isinstance(demo[k], dict))
+
+
+def test_adience_defaults_are_the_paper_profile(tmp_path):
+    """One place per setting: the stage's defaults are the thesis's, as the paper profile says."""
+    from agecascade.evaluation.adience import AdienceConfig
+
+    paper = compose(tmp_path, "profile=paper")
+    defaults = AdienceConfig(manifest=tmp_path, init=tmp_path, out=tmp_path)
+    assert {k: paper["adience"][k] for k in ("mode", "train_blocks", "epochs", "batch",
+                                              "patience", "val_fraction")} == \
+        {k: getattr(defaults, k) for k in ("mode", "train_blocks", "epochs", "batch", "patience",
+                                           "val_fraction")}
+    assert tuple(int(g) for g in paper["adience"]["groups"].split()) == defaults.groups
+    assert {b["adience_lr"] for b in paper["backbones"].values()} == {defaults.lr}

@@ -1,9 +1,12 @@
-"""Training on a tiny prepared dataset on the CPU: learning, resume after kill -9, grid, tracking."""
+"""Training on a tiny prepared dataset on the CPU: the configs, learning, resume after kill -9,
+grid, tracking."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,9 +19,16 @@ import pytest
 import torch
 
 from agecascade.cli import main
+from agecascade.config import from_args
 from agecascade.data.manifest import make_row, to_frame
 from agecascade.data.store import CROPS, MANIFEST, create_store
+from agecascade.errors import UserError
+from agecascade.train import finetune
 from agecascade.train.data import LabelSpace, assign_split
+from agecascade.train.finetune import FinetuneConfig, resume_key
+from agecascade.train.tune import TuneConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZE = 32
 
@@ -43,6 +53,146 @@ def write_prepared(folder: Path, n: int = 400, seed: int = 0) -> Path:
 def train_args(manifest: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--manifest", str(manifest), "--backbone", "resnet18", "--input-size", str(SIZE),
             "--batch", "32", "--lr", "0.001", "--device", "cpu", "--no-track", "--out", str(out), *extra]
+
+
+def parse(argv: list[str]):
+    from agecascade.cli import build_parser
+
+    return build_parser(argv[0]).parse_args(argv)
+
+
+def config_of(argv: list[str]) -> FinetuneConfig:
+    """The config `agecascade train ...` runs with."""
+    from agecascade.pipelines import train
+
+    return train.config_from(parse(argv))
+
+
+# --- the configs ----------------------------------------------------------------------------
+
+REQUIRED = {"manifest": Path("imdb"), "backbone": "vgg16", "out": Path("out")}
+
+
+def test_train_parser_defaults_are_the_configs():
+    """A default set in argparse alone, or a path or None lost in conversion, would differ."""
+    args = parse(["train", "--manifest", "imdb", "--backbone", "vgg16", "--out", "out"])
+    assert from_args(FinetuneConfig, args) == FinetuneConfig(**REQUIRED)
+    assert args.hparams is None and not args.no_track
+
+
+def test_tune_parser_defaults_are_the_configs():
+    """The grid's defaults are TuneConfig's; every other setting is FinetuneConfig's."""
+    from agecascade.pipelines import tune
+
+    args = parse(["tune", "--manifest", "imdb", "--backbone", "vgg16", "--out", "out"])
+    assert tune.config_from(args) == TuneConfig(trial=FinetuneConfig(**REQUIRED))
+    assert TuneConfig(trial=FinetuneConfig(**REQUIRED)).lrs == (0.0001, 0.001, 0.01, 0.1)
+    # a grid point sets the epochs (and lr and batch, which argparse reads as --lrs, --batches)
+    for not_tune in ("--epochs", "--hparams"):
+        with pytest.raises(SystemExit):
+            parse(["tune", "--manifest", "imdb", "--backbone", "vgg16", "--out", "out",
+                   not_tune, "1"])
+
+
+@pytest.fixture(scope="module")
+def dvc_commands() -> dict[str, list[str]]:
+    """Each stage's command as DVC resolves it from params.yaml, split into words."""
+    from dvc.repo import Repo
+
+    return {s.addressing: shlex.split(s.cmd) for s in Repo(str(REPO)).index.stages if s.cmd}
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("step, manifest", [("finetune_imdb", "imdb"), ("finetune_agedb", "agedb")])
+def test_dvc_yaml_train_commands_parse_into_the_params(dvc_commands, params, step, manifest):
+    from agecascade.pipelines import train
+
+    for backbone, item in params["backbones"].items():
+        argv = dvc_commands[f"{step}@{backbone}"]
+        assert argv[:2] == ["agecascade", "train"], argv
+        args = parse(argv[1:])
+        config = from_args(FinetuneConfig, args)  # --hparams not read: it is tune's output
+        wanted, shared = params[step], params["train"]
+        assert args.stage == step
+        assert config.manifest == Path(f"prepared/{manifest}")
+        assert config.out == Path(f"models/{backbone}/{manifest}")
+        assert (config.epochs, config.patience, config.val_fraction) == \
+            (wanted["epochs"], wanted["patience"], wanted["val_fraction"])
+        assert (config.input_size, config.seed, config.workers, config.device) == \
+            (shared["input_size"], shared["seed"], shared["workers"], shared["device"])
+        if step == "finetune_imdb":
+            assert (config.pretrained, config.weights) == (item["pretrained"], item["weights"])
+            assert config.init is None and config.mode == "b"
+            assert args.hparams == Path(f"models/{backbone}/tune/best.json")
+        else:
+            assert config.init == Path(f"models/{backbone}/imdb/model.pt") and config.mode == "c"
+            assert (config.lr, config.batch) == (item["agedb_lr"], wanted["batch"])
+            assert train.config_from(args) == config  # no --hparams: the command's own lr
+
+
+def test_dvc_yaml_tune_command_parses_into_the_params(dvc_commands, params):
+    from agecascade.pipelines import tune
+
+    for backbone, item in params["backbones"].items():
+        argv = dvc_commands[f"tune@{backbone}"]
+        assert argv[:2] == ["agecascade", "tune"], argv
+        config = tune.config_from(parse(argv[1:]))
+        wanted, shared = params["tune"], params["train"]
+        assert config.lrs == tuple(sorted(wanted["lrs"]))
+        assert config.batches == tuple(sorted(wanted["batches"]))
+        trial = config.trial
+        assert trial.max_train_batches == wanted["max-train-batches"]
+        assert (trial.backbone, trial.pretrained, trial.weights) == \
+            (backbone, item["pretrained"], item["weights"])
+        assert trial.val_fraction == params["finetune_imdb"]["val_fraction"]
+        assert (trial.input_size, trial.seed, trial.workers, trial.device) == \
+            (shared["input_size"], shared["seed"], shared["workers"], shared["device"])
+        assert config.out == Path(f"models/{backbone}/tune")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mode": "d"}, "--mode 'd'"),
+    ({"pretrained": "faces"}, "--pretrained 'faces'"),
+    ({"pretrained": "vggface2"}, "--weights goes with --pretrained vggface2"),
+    ({"weights": "w.pth"}, "--weights goes with --pretrained vggface2"),
+    ({"lr": 0.0}, "--lr > 0"),
+    ({"batch": 0}, "--batch and --input-size must be >= 1"),
+    ({"max_images": -1}, "--max-images"),
+    ({"degrade": 1.5}, "--degrade 1.5"),
+    ({"val_fraction": 0.0}, "--val-fraction 0"),
+    ({"val_fraction": 0.6, "test_fraction": 0.4}, "together < 1"),
+])
+def test_bad_train_settings_are_refused_when_the_config_is_built(change, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        FinetuneConfig(**REQUIRED, **change)
+
+
+def test_bad_grids_are_refused_and_a_grid_is_a_set():
+    trial = FinetuneConfig(**REQUIRED)
+    with pytest.raises(UserError, match="at least one value"):
+        TuneConfig(lrs=(), trial=trial)
+    with pytest.raises(UserError, match="--lrs must be > 0"):
+        TuneConfig(lrs=(0.01, -1.0), trial=trial)
+    grid = TuneConfig(lrs=(0.01, 0.001, 0.01), batches=(32, 16), trial=trial)
+    assert grid.grid() == [(0.001, 16), (0.001, 32), (0.01, 16), (0.01, 32)]
+    point = grid.point(0.01, 16)
+    assert (point.lr, point.batch, point.epochs) == (0.01, 16, 1)
+    assert point.out == Path("out/trials/lr0.01-batch16")
+
+
+def test_hparams_set_lr_and_batch_and_a_missing_file_is_a_user_error(tmp_path, capsys):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"lr": 0.01, "batch": 48, "val_loss": 3.2}))
+    config = config_of(train_args(Path("imdb"), tmp_path, "--hparams", str(best)))
+    assert (config.lr, config.batch) == (0.01, 48)
+    assert main(train_args(Path("imdb"), tmp_path, "--hparams", str(tmp_path / "none.json"))) == 2
+    assert "run `agecascade tune` first" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +253,6 @@ class Killed(BaseException):
     """Stands for kill -9 in-process: not an Exception, so nothing handles it as a failure."""
 
 
-def parse(argv: list[str]):
-    from agecascade.cli import build_parser
-
-    return build_parser(argv[0]).parse_args(argv)
-
-
 def trained_epochs(stdout: str) -> list[int]:
     return [int(e) for e in re.findall(r"^epoch (\d+)/\d+ ", stdout, re.M)]
 
@@ -163,8 +307,6 @@ def test_kill_9_then_dvc_rerun_resumes_after_the_last_finished_epoch(tiny, strai
 
 def test_killed_after_the_last_epoch_resumes_without_training(tiny, straight, tmp_path, capsys):
     """Killed between the final epoch and the stage's outputs, then DVC deletes model.pt."""
-    from agecascade.pipelines import train
-
     out = tmp_path / "run"
 
     def kill_after_the_last(epoch: int, metrics: dict) -> None:
@@ -172,7 +314,7 @@ def test_killed_after_the_last_epoch_resumes_without_training(tiny, straight, tm
             raise Killed
 
     with pytest.raises(Killed):
-        train.run(parse(train_args(tiny, out, *TINY)), kill_after_the_last)
+        finetune.run(config_of(train_args(tiny, out, *TINY)), kill_after_the_last)
     dvc_deletes_outs(out)
     capsys.readouterr()
     assert main(train_args(tiny, out, *TINY)) == 0
@@ -182,8 +324,6 @@ def test_killed_after_the_last_epoch_resumes_without_training(tiny, straight, tm
 
 
 def test_a_resume_point_of_other_data_is_not_used(tiny, tmp_path, capsys):
-    from agecascade.pipelines import train
-
     out, data = tmp_path / "run", tmp_path / "data"
     shutil.copytree(tiny, data)
 
@@ -191,7 +331,7 @@ def test_a_resume_point_of_other_data_is_not_used(tiny, tmp_path, capsys):
         raise Killed
 
     with pytest.raises(Killed):
-        train.run(parse(train_args(data, out, *TINY, "--epochs", "2")), kill)
+        finetune.run(config_of(train_args(data, out, *TINY, "--epochs", "2")), kill)
     crops = np.load(data / CROPS, mmap_mode="r+")  # `prepare` rewrote one crop at the same path
     crops[0] = 255 - crops[0]
     crops.flush()
@@ -203,7 +343,6 @@ def test_a_resume_point_of_other_data_is_not_used(tiny, tmp_path, capsys):
 
 def test_resume_key_follows_content_not_paths(tiny, tmp_path):
     from agecascade.nets import create_model
-    from agecascade.pipelines.train import resume_key
     from agecascade.train.cascade import read_init
 
     cpu = torch.device("cpu")
@@ -218,8 +357,8 @@ def test_resume_key_follows_content_not_paths(tiny, tmp_path):
     store = shutil.copytree(tiny, tmp_path / "store-copy")
 
     def key(manifest: Path, *extra: str, checkpoint: Path | None = init) -> str:
-        args = parse(train_args(manifest, tmp_path / "out", *extra))
-        return resume_key(args, read_init(checkpoint) if checkpoint else None, cpu)
+        config = config_of(train_args(manifest, tmp_path / "out", *extra))
+        return resume_key(config, read_init(checkpoint) if checkpoint else None, cpu)
 
     base = key(tiny)
     # the same content elsewhere, and settings that change no result: the same key
@@ -245,6 +384,28 @@ def test_resume_key_follows_content_not_paths(tiny, tmp_path):
     assert key(tiny, "--pretrained", "vggface2", "--weights", str(weights), checkpoint=None) != with_file
 
 
+def test_the_tracked_run_logs_the_resume_key(tiny, tmp_path, monkeypatch):
+    """MLflow continues a run whose params match: with the key among them, it continues one
+    exactly when last.pt is resumed (same weights, data, code and settings)."""
+    from agecascade import tracking
+
+    logged: dict = {}
+
+    @contextlib.contextmanager
+    def tracked_run(experiment, run_name, out, tags, params):
+        logged.update(params)
+        yield None
+
+    monkeypatch.setattr(tracking, "tracked_run", tracked_run)
+    monkeypatch.setattr(tracking, "log_epoch", lambda epoch, metrics: None)
+    monkeypatch.setattr(tracking, "log_final", lambda *args: None)
+    argv = [a for a in train_args(tiny, tmp_path / "run", *TINY, "--epochs", "1")
+            if a != "--no-track"]
+    assert main(argv) == 0
+    assert logged["resume_key"] == resume_key(config_of(argv), None, torch.device("cpu"))
+    assert (logged["lr"], logged["manifest"], logged["init"]) == (0.03, str(tiny), "None")
+
+
 def study_trials(out: Path) -> dict[tuple[float, int], list[str]]:
     """(lr, batch) -> the states of its trials, over every study in out/optuna.db."""
     import optuna
@@ -257,10 +418,20 @@ def study_trials(out: Path) -> dict[tuple[float, int], list[str]]:
     return trials
 
 
+def tune_args(toy: Path, out: Path, lrs=("0.01", "0.001"), batches=("16", "32"),
+              *extra: str) -> list[str]:
+    """`agecascade tune`: train_args less the settings each grid point sets."""
+    argv = train_args(toy, out, *extra)[1:]
+    for point_setting in ("--batch", "--lr"):
+        at = argv.index(point_setting)
+        del argv[at:at + 2]
+    return ["tune", *argv, "--lrs", *lrs, "--batches", *batches]
+
+
 def test_grid_runs_every_point_once_and_feeds_the_stage(toy, tmp_path):
     out = tmp_path / "tune"
-    assert main(["tune", *train_args(toy, out, "--max-train-batches", "2")[1:],
-                 "--lrs", "0.01", "0.001", "--batches", "16", "32"]) == 0
+    assert main(tune_args(toy, out, ("0.01", "0.001"), ("16", "32"),
+                          "--max-train-batches", "2")) == 0
     best = json.loads((out / "best.json").read_text())
     assert best["lr"] in (0.01, 0.001) and best["batch"] in (16, 32)
     import optuna
@@ -281,25 +452,20 @@ def test_grid_runs_every_point_once_and_feeds_the_stage(toy, tmp_path):
 def fake_trials(monkeypatch):
     """Grid bookkeeping without training: a point's loss is a function of the point; a point
     put in ``plan`` raises the exception given there (a failure, or a kill)."""
-    from agecascade.pipelines import tune
-
     calls: list[tuple[float, int]] = []
     plan: dict[tuple[float, int], BaseException] = {}
 
-    def fake_run(args, on_epoch):
-        point = (args.lr, args.batch)
+    def fake_run(config, on_epoch=None, start=None):
+        point = (config.lr, config.batch)
+        assert config.epochs == 1
         calls.append(point)
         if point in plan:
             raise plan.pop(point)
-        args.out.mkdir(parents=True)
-        return {"val_loss": args.lr * 100 + args.batch / 1000}, None
+        config.out.mkdir(parents=True)
+        return {"val_loss": config.lr * 100 + config.batch / 1000}, None
 
-    monkeypatch.setattr(tune.train, "run", fake_run)
+    monkeypatch.setattr(finetune, "run", fake_run)
     return calls, plan
-
-
-def tune_args(toy: Path, out: Path, lrs=("0.01", "0.001"), batches=("16", "32")) -> list[str]:
-    return ["tune", *train_args(toy, out)[1:], "--lrs", *lrs, "--batches", *batches]
 
 
 def test_interrupted_grid_resumes_and_failed_points_are_retried(toy, tmp_path, fake_trials):

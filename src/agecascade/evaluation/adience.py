@@ -78,8 +78,9 @@ class AdienceConfig:
     manifest: Path = option(help="prepared Adience folder")
     init: Path = option(help="model.pt of the cascade stage")
     mode: str = option("c", choices=("a", "b", "c"),
-                       help="a: train the classifier layers only; b/c: fine-tune (b from an "
-                            "IMDB checkpoint, c from an IMDB -> AgeDB one)")
+                       help="a: train the classifier layers only, on the frozen trunk's "
+                            "features computed once; b/c: fine-tune (b from an IMDB "
+                            "checkpoint, c from an IMDB -> AgeDB one)")
     groups: tuple[int, ...] = option((8, 3), choices=tuple(sorted(GROUPINGS)),
                                      help="groupings to run, one network per fold each")
     train_blocks: int = option(0, help="modes b, c: fine-tune only the trunk's last N blocks with "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from agecascade.errors import MissingInput
 from agecascade.nets import AgeNet, create_model
 from agecascade.nets.weights import InputSpec
 from agecascade.train.data import LabelSpace
@@ -47,6 +48,8 @@ def load_init(model: AgeNet, state: dict, old_labels: tuple[float, ...],
 
 def read_init(path: Path) -> dict:
     """A stage's model.pt, read once: folds of a protocol all start from the same one."""
+    if not Path(path).is_file():
+        raise MissingInput(f"{path}: no such checkpoint; run the cascade stage that writes it")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
