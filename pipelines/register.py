@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from agecascade.errors import UserError
+from agecascade.errors import MissingInput, UserError
 from agecascade.registry import CHALLENGER, CHAMPION, EXPERIMENT, NAME, aliases, register
 
 REQUIRED = {"mae": (int, float), "model": str, "backbone": str, "mode": str}
@@ -47,7 +47,7 @@ def read_candidate(path: Path) -> dict:
     if not math.isfinite(summary["mae"]):
         raise UserError(f"candidate {path}: mae is {summary['mae']}")
     if not Path(summary["model"]).is_file():
-        raise FileNotFoundError(f"candidate {path}: model {summary['model']} does not exist")
+        raise MissingInput(f"candidate {path}: model {summary['model']} does not exist")
     return {**summary, "mae": float(summary["mae"]), "candidate": str(path)}
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agecascade.errors import MissingInput
 from agecascade.evaluation import report, thesis
 from agecascade.evaluation.analysis import (band_confusion, band_names, cumulative_age_png,
                                             fold_mae_png)
+from agecascade.evaluation.baselines import median_baseline
 from agecascade.evaluation.plots import confusion_png
 from agecascade.features.engines import make_folds
 from agecascade.train.data import split_groups
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run its stage first (dvc repro)")
+        raise MissingInput(f"{path} is missing: run its stage first (dvc repro)")
     return json.loads(path.read_text())
 
 
@@ -51,7 +53,7 @@ def features_baseline(results: dict, manifest_folder: Path) -> float:
     k = 0 if results["folds"]["scheme"] == "leave-one-subject-out" else results["folds"]["n_folds"]
     folds = make_folds(split_groups(manifest).to_numpy(dtype=str), k)
     ages = manifest["age"].to_numpy(dtype=float)
-    return float(np.abs(report.median_baseline(ages, folds) - ages).mean())
+    return float(np.abs(median_baseline(ages, folds) - ages).mean())
 
 
 def label_table(prepared: Path, datasets: list[str]) -> tuple[pd.DataFrame, dict]:

@@ -1,4 +1,5 @@
-"""Content fingerprints and atomic writes (agecascade.cache): what resume and fold caches trust."""
+"""Content fingerprints (agecascade.cache) and atomic writes (agecascade.atomic): what resume and
+fold caches trust."""
 from __future__ import annotations
 
 import shutil
@@ -10,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from agecascade.cache import (code_version, fingerprint, state_fingerprint,
-                              store_fingerprint, to_csv_atomic, torch_save_atomic,
-                              weights_fingerprint, write_text_atomic)
+from agecascade.atomic import to_csv_atomic, torch_save_atomic, write_text_atomic
+from agecascade.cache import (code_version, fingerprint, state_fingerprint, store_fingerprint,
+                              weights_fingerprint)
 from agecascade.data.store import CROPS, MANIFEST, create_store
 
 

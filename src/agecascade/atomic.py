@@ -1,6 +1,7 @@
 """Atomic file writes: a kill at any moment leaves the old file or the new one, never half of one.
 
-A file that marks work as finished (a manifest, a report, a fold's CSV) is written into a
+A file that marks work as finished (a manifest, a report, a fold's CSV, ``last.pt``,
+``metrics.json``) is written into a
 temporary sibling and renamed over its path with ``os.replace``. This module imports nothing but
 the standard library, so code that only writes files (``prepare``) neither loads torch nor
 depends on the fingerprint code in ``agecascade.cache``.
@@ -44,3 +45,18 @@ def replacing(path: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     with replacing(path) as tmp:
         tmp.write_text(text)
+
+
+def to_csv_atomic(frame, path: Path, **kwargs) -> None:
+    """``frame.to_csv(path, **kwargs)`` (a pandas DataFrame), atomically; ``index=False`` unless
+    told otherwise."""
+    kwargs.setdefault("index", False)
+    with replacing(path) as tmp:
+        frame.to_csv(tmp, **kwargs)
+
+
+def torch_save_atomic(obj: object, path: Path) -> None:
+    import torch  # here, not above: writers of text files need not load torch
+
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)

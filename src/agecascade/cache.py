@@ -1,13 +1,11 @@
-"""Content fingerprints and atomic writes: what every resume point and fold cache relies on.
+"""Content fingerprints: what decides whether a resume point or a fold cache may be reused.
 
 A cache may be reused only when everything that shaped it is the same *content*: the same
 starting tensors, the same crops, the same pretrained weights, the same code and settings. A
 file's path or date says nothing about that (a checkpoint copied elsewhere is the same start; a
 rebuilt crop store at the old path is not the same data), so no key here is built from paths.
 
-A file that marks work as finished (a fold's CSV, ``last.pt``, ``metrics.json``) is written
-through a temporary file in the same folder and ``os.replace``: a kill at any moment leaves the
-old file or the new one, never a half-written file that a rerun would take as finished.
+Writing such caches so that a kill never leaves half a file is ``agecascade.atomic``'s job.
 """
 from __future__ import annotations
 
@@ -16,13 +14,10 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
 
 import numpy as np
-import pandas as pd
 import torch
 
 from agecascade.data.store import CROPS, MANIFEST
@@ -34,46 +29,6 @@ SAMPLE_BLOCKS = 1024
 # the output classes (they decide the label space), the pixel convention and the input size.
 # Not "init": it names the file the checkpoint itself started from.
 SHAPING_META = ("arch", "ages", "input_spec", "input_size")
-
-
-# --- atomic writes ----------------------------------------------------------------------------
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write(handle)`` into a temporary sibling, flush it to disk, then rename it over ``path``.
-
-    The temporary name is fixed (not random), so a write killed halfway leaves one stray file
-    that the next write of the same path reuses, instead of one more per kill.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut, not only the bytes
-    finally:
-        os.close(folder)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda handle: handle.write(text.encode()))
-
-
-def to_csv_atomic(frame: pd.DataFrame, path: Path, **kwargs) -> None:
-    """``frame.to_csv(path, **kwargs)``, atomically (``index=False`` unless told otherwise)."""
-    kwargs.setdefault("index", False)
-    _write_atomic(path, lambda handle: frame.to_csv(handle, **kwargs))
-
-
-def torch_save_atomic(obj: object, path: Path) -> None:
-    _write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 # --- fingerprints -----------------------------------------------------------------------------

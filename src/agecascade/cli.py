@@ -38,10 +38,11 @@ COMMANDS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every subcommand is listed; only ``command`` (all of them if None) gets its arguments."""
-    parser = argparse.ArgumentParser(prog="agecascade", description=__doc__)
+    parser = argparse.ArgumentParser(prog="agecascade", description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=text)
+        # allow_abbrev off: `tune --lr 0.01` must not be read as `--lrs 0.01`
+        sub = commands.add_parser(name, help=text, allow_abbrev=False)
         if command in (None, name):
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     try:
         return args.run(args)
-    except (UserError, ValueError, OSError) as err:  # user errors: bad paths, values
+    except UserError as err:  # a mistake the user can fix; anything else keeps its traceback
         print(f"agecascade {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -48,7 +48,7 @@ from mlflow.entities import LoggedModel
 from PIL import Image
 
 from agecascade.data.imaging import upright_rgb
-from agecascade.errors import UserError
+from agecascade.errors import MissingInput, UserError
 from agecascade.nets.checkpoint import input_spec, load_checkpoint
 from agecascade.nets.dex import dex_age
 from agecascade.registry import DIGEST_TAG, MODEL_TYPE, NAME, REFERENCE
@@ -73,23 +73,23 @@ def _pixels(image: Any, where: str) -> np.ndarray:
     if isinstance(image, (list, tuple)):  # nested lists: a JSON request's ragged batch
         image = np.asarray(image)
     if not isinstance(image, np.ndarray):
-        raise ValueError(f"{where}: got {type(image).__name__}; expected {EXPECTED}")
+        raise UserError(f"{where}: got {type(image).__name__}; expected {EXPECTED}")
     if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(f"{where}: shape {image.shape} is not a non-empty RGB image (H, W, 3)")
+        raise UserError(f"{where}: shape {image.shape} is not a non-empty RGB image (H, W, 3)")
     if image.dtype == np.uint8:
         return image
     if image.dtype.kind in "iu":
         low, high = int(image.min()), int(image.max())
         if low < 0 or high > 255:
-            raise ValueError(f"{where}: integer pixels must lie in 0..255, found {low}..{high}")
+            raise UserError(f"{where}: integer pixels must lie in 0..255, found {low}..{high}")
         return image.astype(np.uint8)
     if image.dtype.kind == "f":
         low, high = float(image.min()), float(image.max())
         if not (0.0 <= low and high <= 1.0):  # also catches NaN
-            raise ValueError(f"{where}: float pixels must lie in [0, 1], found {low:g}..{high:g}; "
+            raise UserError(f"{where}: float pixels must lie in [0, 1], found {low:g}..{high:g}; "
                              "pass 0..255 pixels as uint8")
         return np.rint(image * 255.0).astype(np.uint8)
-    raise ValueError(f"{where}: pixel type {image.dtype} is neither integer nor float")
+    raise UserError(f"{where}: pixel type {image.dtype} is neither integer nor float")
 
 
 def to_images(model_input: Any) -> list[np.ndarray]:
@@ -103,10 +103,10 @@ def to_images(model_input: Any) -> list[np.ndarray]:
             return [_pixels(item, f"image {i}") for i, item in enumerate(model_input)]
         if model_input.ndim == 3:
             return [_pixels(model_input, "image")]
-        raise ValueError(f"input array of shape {model_input.shape}: expected {EXPECTED}")
+        raise UserError(f"input array of shape {model_input.shape}: expected {EXPECTED}")
     if isinstance(model_input, Sequence) and not isinstance(model_input, (str, bytes)):
         return [_pixels(item, f"image {i}") for i, item in enumerate(model_input)]
-    raise ValueError(f"input of type {type(model_input).__name__}: expected {EXPECTED}")
+    raise UserError(f"input of type {type(model_input).__name__}: expected {EXPECTED}")
 
 
 def as_batch(images: Any) -> np.ndarray:
@@ -291,7 +291,7 @@ def log_age_estimator(checkpoint: Path, name: str = "model",
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise MissingInput(f"checkpoint {checkpoint} does not exist")
     _, meta = load_checkpoint(checkpoint)  # fails here, not at serving time, on a wrong file
     if by_reference:
         ref = CheckpointRef.of(checkpoint, Path.cwd())

@@ -44,8 +44,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint,
-                              store_fingerprint, to_csv_atomic, write_text_atomic)
+from agecascade.atomic import to_csv_atomic, write_text_atomic
+from agecascade.cache import checkpoint_fingerprint, code_version, fingerprint, store_fingerprint
 from agecascade.config import option
 from agecascade.data.adapters.adience import GROUPS, GROUPS3, TO_GROUP3
 from agecascade.data.store import load_prepared

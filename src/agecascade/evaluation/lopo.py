@@ -36,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
-from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint,
-                              store_fingerprint, to_csv_atomic, torch_save_atomic,
-                              weights_fingerprint, write_text_atomic)
+from agecascade.atomic import to_csv_atomic, torch_save_atomic, write_text_atomic
+from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint, store_fingerprint,
+                              weights_fingerprint)
 from agecascade.config import option
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
+from agecascade.evaluation.baselines import median_baseline
 from agecascade.nets import PRETRAINED, AgeNet, create_model, freeze_features
 from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
@@ -129,7 +130,7 @@ class FoldData:
              device: torch.device) -> "FoldData":
         if manifest["subject"].isna().any():
             raise UserError("leave-one-person-out needs a subject for every image; "
-                             f"{int(manifest['subject'].isna().sum())} rows have none")
+                            f"{int(manifest['subject'].isna().sum())} rows have none")
         ages = manifest["age"].to_numpy(dtype=float)
         chunks = []
         for start in range(0, len(crops), 256):  # resize in pieces: the full-size store can be big
@@ -397,11 +398,8 @@ def summarise(predictions: pd.DataFrame) -> dict[str, float]:
     and ``mae_median_baseline``: the MAE of predicting for each held-out subject the median age
     of the other subjects' images, the trivial predictor the MAE must beat."""
     errors = (predictions["predicted"] - predictions["age"]).abs()
-    ages, subjects = predictions["age"].to_numpy(dtype=float), predictions["subject"].to_numpy()
-    baseline = np.empty(len(ages))
-    for subject in np.unique(subjects):
-        held_out = subjects == subject
-        baseline[held_out] = np.median(ages[~held_out]) if (~held_out).any() else np.nan
+    ages = predictions["age"].to_numpy(dtype=float)
+    baseline = median_baseline(ages, predictions["subject"].astype(str).to_numpy())
     fold_mae = errors.groupby(predictions["subject"]).mean()
     half_width = 1.96 * errors.std(ddof=1) / math.sqrt(len(errors)) if len(errors) > 1 else 0.0
     return {"mae": float(errors.mean()), "median_ae": float(errors.median()),

@@ -14,22 +14,13 @@ import pandas as pd
 
 from agecascade.evaluation import thesis
 from agecascade.evaluation.analysis import mae_by_band, worst_subjects
+from agecascade.evaluation.baselines import median_baseline
 from agecascade.evaluation.classification import precision_recall
 
 GROUPS3 = ["0-12", "15-20", "25-100"]
 
 
 # --- baselines ----------------------------------------------------------------------------
-
-def median_baseline(ages: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """Per row: the median age of the rows outside its fold (its fold's training rows)."""
-    ages, folds = np.asarray(ages, float), np.asarray(folds)
-    out = np.empty(len(ages))
-    for fold in np.unique(folds):
-        held_out = folds == fold
-        out[held_out] = np.median(ages[~held_out])
-    return out
-
 
 def lopo_baseline(predictions: pd.DataFrame) -> pd.DataFrame:
     """A LOPO predictions.csv (subject, age, ...) with ``predicted`` replaced by the median

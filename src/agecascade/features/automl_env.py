@@ -105,15 +105,15 @@ def _run(command: list[str], what: str) -> str:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise OSError(f"{what} failed (exit {done.returncode}):\n{tail}")
+        raise UserError(f"{what} failed (exit {done.returncode}):\n{tail}")
     return done.stdout
 
 
 def create_env(path: Path = DEFAULT_PATH, log=print) -> Path:
     """Build (or find up to date) the auto-sklearn venv at ``path``; return its python.
 
-    Raises OSError when the install fails (a half-built env is removed) and UserError when
-    ``path`` is something other than a venv of ours, which is never overwritten.
+    Raises UserError when the install fails (a half-built env is removed) or when ``path`` is
+    something other than a venv of ours, which is never overwritten.
     """
     ready = locate(path)
     if isinstance(ready, Path):

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agecascade.cache import to_csv_atomic, write_text_atomic
+from agecascade.atomic import to_csv_atomic, write_text_atomic
 from agecascade.config import option
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError

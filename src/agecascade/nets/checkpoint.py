@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 
+from agecascade.errors import MissingInput
 from agecascade.nets.backbones import AgeNet, create_model
 from agecascade.nets.weights import InputSpec
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[AgeNet, dict]:
     """(model in eval mode on ``device``, meta) of a stage's model.pt."""
+    if not Path(path).is_file():
+        raise MissingInput(f"{path}: no such checkpoint; run the stage that writes it")
     state = torch.load(path, map_location="cpu", weights_only=True)
     meta = state["meta"]
     model = create_model(meta["arch"], len(meta["ages"]))  # arch: e.g. resnet50-torchvision

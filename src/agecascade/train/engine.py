@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from agecascade.cache import fingerprint, torch_save_atomic
+from agecascade.atomic import torch_save_atomic
+from agecascade.cache import fingerprint
 from agecascade.errors import UserError
 from agecascade.nets.weights import InputSpec
 

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint,
-                              store_fingerprint, to_csv_atomic, weights_fingerprint,
-                              write_text_atomic)
+from agecascade.atomic import to_csv_atomic, write_text_atomic
+from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint, store_fingerprint,
+                              weights_fingerprint)
 from agecascade.config import option
 from agecascade.data.store import load_prepared
 from agecascade.errors import MissingInput, UserError

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from agecascade.cache import fingerprint, write_text_atomic
+from agecascade.atomic import write_text_atomic
+from agecascade.cache import fingerprint
 from agecascade.config import option
 from agecascade.errors import UserError
 from agecascade.train import finetune
