@@ -188,7 +188,10 @@ def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport,
 def run(config: PrepareConfig) -> DropReport:
     """Prepare one dataset into ``config.out``; the drop report it wrote."""
     manifest, report = get_adapter(config.dataset)(config.root)
-    config.out.mkdir(parents=True, exist_ok=True)
+    try:
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission: the user's to fix
+        raise UserError(f"--out {config.out}: cannot create it ({err.strerror})") from err
     with replacing(config.out / CROPS) as crops:
         final = _crop_into(crops, manifest, report, config)
     with replacing(config.out / MANIFEST) as tmp:
