@@ -156,7 +156,7 @@ def run_in_process(engine: str, tasks: dict[str, np.ndarray], y: np.ndarray, gro
     fit_predict = IN_PROCESS[engine]
     outcomes = []
     # OpenMP (HGB, LightGBM) with a thread per core spins itself to a standstill on a busy
-    # machine (see the README's timings), so the thread count is the user's choice, not OpenMP's.
+    # machine (see docs/timings.md), so the thread count is the user's choice, not OpenMP's.
     with threadpool_limits(limits=config.threads):
         for task, X in tasks.items():
             outcomes.append(_run_task(engine, fit_predict, version, task, X, y, groups, fold, config))
