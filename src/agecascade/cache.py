@@ -110,6 +110,18 @@ def store_fingerprint(folder: Path, block: int = BLOCK, blocks: int = SAMPLE_BLO
     return digest.hexdigest()
 
 
+def run_key(settings: Mapping, manifest: Path, device_type: str, init: Mapping | None,
+            pretrained: str = "none", weights: Path | str | None = None) -> str:
+    """What a run's cached results (a resume point, finished folds) depend on, by content: the
+    starting checkpoint ``init``'s tensors (as ``read_init`` returns it), or without one the
+    ``pretrained`` choice and ``weights`` file; the crop store at ``manifest``; the code; the
+    device type; and the ``settings`` that shape a result."""
+    start = (checkpoint_fingerprint(init) if init is not None
+             else weights_fingerprint(pretrained, weights or None))
+    return fingerprint(settings=settings, device=device_type, start=start,
+                       store=store_fingerprint(manifest), code=code_version())
+
+
 PACKAGES = ("agecascade", "agecascade.pipelines")
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from agecascade.atomic import to_csv_atomic, write_text_atomic
-from agecascade.cache import checkpoint_fingerprint, code_version, fingerprint, store_fingerprint
+from agecascade.cache import fingerprint, run_key
 from agecascade.config import option
 from agecascade.data.adapters.adience import GROUPS, GROUPS3, TO_GROUP3
 from agecascade.data.store import load_prepared
@@ -158,10 +158,10 @@ def load_protocol(config: AdienceConfig) -> Protocol:
         raise UserError(f"{config.init}: not a stage model.pt (needs 'model' and 'meta' with "
                         "arch, ages, input_spec, input_size)")
     folds = manifest["fold"].astype("Float64").fillna(-1).to_numpy(dtype=np.int64)
-    key = fingerprint(init=checkpoint_fingerprint(init), store=store_fingerprint(config.manifest),
-                      code=code_version())
+    device = pick_device(config.device)
+    key = run_key({}, config.manifest, device.type, init)  # each fold adds its settings
     return Protocol(manifest, crops, folds, init, config.input_size or int(init["meta"]["input_size"]),
-                    key, pick_device(config.device))
+                    key, device)
 
 
 def group_labels(manifest: pd.DataFrame, groups: int, source: Path) -> np.ndarray:

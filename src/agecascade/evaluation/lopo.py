@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
 from agecascade.atomic import to_csv_atomic, torch_save_atomic, write_text_atomic
-from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint, store_fingerprint,
-                              weights_fingerprint)
+from agecascade.cache import run_key
 from agecascade.config import option
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
@@ -150,10 +149,8 @@ def settings_key(config: LopoConfig, init: Mapping | None, device: torch.device)
     weights file's content count). The code version, the device type and every setting that
     shapes a result (:meth:`LopoConfig.settings`, input size resolved) count too.
     """
-    start = (checkpoint_fingerprint(init) if init is not None
-             else weights_fingerprint(config.pretrained, config.weights or None))
-    return fingerprint(settings=config.settings(), start=start, device=device.type,
-                       store=store_fingerprint(config.manifest), code=code_version())
+    return run_key(config.settings(), config.manifest, device.type, init, config.pretrained,
+                   config.weights)
 
 
 def _batch(data: FoldData, rows: torch.Tensor, spec: InputSpec, channels_last: bool) -> torch.Tensor:

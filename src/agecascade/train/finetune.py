@@ -19,8 +19,7 @@ import pandas as pd
 import torch
 
 from agecascade.atomic import to_csv_atomic, write_text_atomic
-from agecascade.cache import (checkpoint_fingerprint, code_version, fingerprint, store_fingerprint,
-                              weights_fingerprint)
+from agecascade.cache import run_key
 from agecascade.config import option
 from agecascade.data.store import load_prepared
 from agecascade.errors import MissingInput, UserError
@@ -112,10 +111,8 @@ def resume_key(config: FinetuneConfig, init: dict | None, device: torch.device) 
     tensors (not its path), else the pretrained weights; the crop store; the code; the device
     type; and every setting that changes a result."""
     settings = {k: v for k, v in asdict(config).items() if k not in NOT_RESULT_SHAPING}
-    start = (checkpoint_fingerprint(init) if init is not None
-             else weights_fingerprint(config.pretrained, config.weights or None))
-    return fingerprint(settings=settings, device=device.type, start=start,
-                       store=store_fingerprint(config.manifest), code=code_version())
+    return run_key(settings, config.manifest, device.type, init, config.pretrained,
+                   config.weights)
 
 
 @dataclass(frozen=True)
