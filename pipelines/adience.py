@@ -36,14 +36,18 @@ class FoldRuns:
 
     @contextlib.contextmanager
     def fold(self, folder: Path, name: str, resume: bool = True) -> Iterator[OnEpoch]:
-        """A fold's run; ``resume`` continues the one an interrupted attempt left in ``folder``."""
+        """A fold's run; ``resume`` continues the one an interrupted attempt left in ``folder``
+        when it is unfinished and under this parent run (a retry under another parent, with
+        other settings, gets a fresh fold run)."""
         from agecascade import tracking
+        from agecascade.atomic import write_text_atomic
 
         id_file = folder / RUN_ID
-        run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+        run_id = (tracking.resumable_run(id_file, self.parent.experiment_id, {},
+                                         parent=self.parent.run_id) if resume else None)
         with self.mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=True,
                                    experiment_id=None if run_id else self.parent.experiment_id) as run:
-            id_file.write_text(run.info.run_id)
+            write_text_atomic(id_file, run.info.run_id)
             yield tracking.log_epoch
 
     def finished(self, result: dict, folder: Path) -> None:

@@ -97,3 +97,17 @@ def test_a_run_id_that_cannot_be_continued_starts_a_fresh_run(store, case):
     assert run.info.run_id != old.strip()
     assert run.info.experiment_id == tracking.experiment_id("fresh")
     assert store.client.get_run(run.info.run_id).data.params["epochs"] == "3"
+
+
+def test_a_nested_run_is_continued_only_under_its_own_parent(store):
+    """An Adience fold's run left by a killed attempt: the same parent continues it; a retry
+    under another parent run (other settings) gets a fresh one, and the old one ends KILLED."""
+    experiment = tracking.experiment_id("nested")
+    parent, other = (store.client.create_run(experiment).info.run_id for _ in range(2))
+    fold = store.client.create_run(experiment, tags={"mlflow.parentRunId": parent})
+    id_file = store.root / "fold" / tracking.RUN_ID_FILE
+    id_file.parent.mkdir()
+    id_file.write_text(fold.info.run_id)
+    assert tracking.resumable_run(id_file, experiment, {}, parent=parent) == fold.info.run_id
+    assert tracking.resumable_run(id_file, experiment, {}, parent=other) is None
+    assert store.client.get_run(fold.info.run_id).info.status == "KILLED"

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from agecascade.atomic import write_text_atomic
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACTS = Path("mlruns")
 RUN_ID_FILE = "mlflow_run_id"
@@ -91,13 +93,11 @@ def tracked_run(experiment: str, run_name: str, out: Path, tags: dict[str, str],
 
     exp = experiment_id(experiment)
     run_id_path = out / RUN_ID_FILE
-    resume = _resumable_run(run_id_path, exp, {k: str(v) for k, v in params.items()})
+    resume = resumable_run(run_id_path, exp, {k: str(v) for k, v in params.items()})
     with mlflow.start_run(run_id=resume, experiment_id=None if resume else exp,
                           run_name=None if resume else run_name) as run:
         out.mkdir(parents=True, exist_ok=True)
-        partial = run_id_path.with_name(RUN_ID_FILE + ".tmp")
-        partial.write_text(run.info.run_id)
-        os.replace(partial, run_id_path)  # a torn id would orphan the run as RUNNING
+        write_text_atomic(run_id_path, run.info.run_id)  # a torn id would orphan the run
         mlflow.set_tags({**tags, "git_commit": git_commit()})
         if not resume:
             mlflow.log_params(params)
@@ -105,11 +105,13 @@ def tracked_run(experiment: str, run_name: str, out: Path, tags: dict[str, str],
     run_id_path.unlink(missing_ok=True)
 
 
-def _resumable_run(run_id_path: Path, experiment: str, params: dict[str, str]) -> str | None:
+def resumable_run(run_id_path: Path, experiment: str, params: dict[str, str],
+                  parent: str | None = None) -> str | None:
     """The run id left in ``run_id_path`` if that run may be continued: unfinished, in
-    ``experiment``, and logged with exactly ``params`` (a retry with other settings must not
-    add its curves to the old attempt's params). A left-over run that is still marked RUNNING
-    but will not be continued is ended as KILLED: its process is gone."""
+    ``experiment``, logged with exactly ``params`` (a retry with other settings must not add its
+    curves to the old attempt's params) and, for a nested run, under ``parent``. A left-over run
+    that is still marked RUNNING but will not be continued is ended as KILLED: its process is
+    gone."""
     from mlflow import MlflowClient
     from mlflow.entities import LifecycleStage, RunStatus
     from mlflow.exceptions import MlflowException
@@ -131,7 +133,8 @@ def _resumable_run(run_id_path: Path, experiment: str, params: dict[str, str]) -
         return None
     status = old.info.status
     if (status != RunStatus.to_string(RunStatus.FINISHED)
-            and old.info.experiment_id == experiment and old.data.params == params):
+            and old.info.experiment_id == experiment and old.data.params == params
+            and old.data.tags.get("mlflow.parentRunId") == parent):
         return run_id
     if status == RunStatus.to_string(RunStatus.RUNNING):
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
