@@ -51,8 +51,8 @@ def main(args: argparse.Namespace) -> int:
         params |= {"hparams": str(args.hparams or ""), "resume_key": start.key}
         with tracking.tracked_run(args.stage, f"{config.backbone}-{dataset}", config.out, tags,
                                   params):
-            summary, model = run(config, tracking.log_epoch, start)
-            tracking.log_final(summary, config.out, model, config.input_size)
+            summary, _ = run(config, tracking.log_epoch, start)
+            tracking.log_final(summary, config.out)
     clear_resume_point(config.out)  # only now: a kill before this point resumes, not retrains
     print(json.dumps(summary, indent=2))
     return 0

@@ -33,6 +33,7 @@ from agecascade import tracking
 from agecascade.nets import create_model
 from agecascade.errors import UserError
 from agecascade.nets.checkpoint import load_checkpoint
+from agecascade.candidates import read_candidate
 from agecascade.pipelines import register as register_stage
 from agecascade.registry import (aliases, checkpoint_reference, promote, register,
                                  run_estimator)
@@ -267,7 +268,7 @@ def test_register_stage_refuses_a_bad_candidate(tmp_path, monkeypatch, summary, 
     candidate = write_candidate(tmp_path / "bad.json", **summary)
     monkeypatch.chdir(tmp_path)  # model paths in summaries are relative to the working directory
     with pytest.raises(error, match=f"candidate {candidate}: .*{message}"):
-        register_stage.read_candidate(candidate)
+        read_candidate(candidate)
 
 
 def test_logged_model_loads_without_the_repository(store):
@@ -570,7 +571,7 @@ def test_log_final_refers_to_a_dvc_out_and_carries_anything_else(store, monkeypa
     else:
         monkeypatch.delenv("DVC_STAGE", raising=False)
     with mlflow.start_run(experiment_id=tracking.experiment_id("final")) as run:
-        tracking.log_final({"val_mae": 5.0}, out, None, 32)
+        tracking.log_final({"val_mae": 5.0}, out)
     model = run_estimator(mlflow.MlflowClient(), run.info.run_id)
     reference = checkpoint_reference(model.model_uri)
     if under_dvc:

@@ -122,10 +122,12 @@ def test_stage_writes_a_summary_with_a_baseline_beside_every_result(tmp_path):
     predictions.assign(sha1=None, age_group=None).to_parquet(prepared / "fgnet" / "manifest.parquet")
     pd.DataFrame({"age": [np.nan] * 2, "age_group": ["0-2", "4-6"], "subject": ["u/1", "u/2"]}
                  ).to_parquet(prepared / "adience" / "manifest.parquet")
-    args = argparse.Namespace(backbones=["vgg16"], modes=["c"], features_backbones=["vgg16"],
-                              models=models, prepared=prepared, datasets=["fgnet", "adience"],
-                              registry=tmp_path / "none.json", worst=2, out=tmp_path / "reports",
-                              no_track=True)
+    parser = argparse.ArgumentParser()
+    stage.add_arguments(parser)
+    args = parser.parse_args(["--backbones", "vgg16", "--modes", "c", "--models", str(models),
+                              "--prepared", str(prepared), "--datasets", "fgnet", "adience",
+                              "--registry", str(tmp_path / "none.json"), "--worst", "2",
+                              "--out", str(tmp_path / "reports"), "--no-track"])
     assert stage.main(args) == 0
     summary = (tmp_path / "reports" / "summary.md").read_text()
     assert "| VGG-16-IMDB-AgeDB | c | 2.20 | 22.00 |" in summary        # MAE beside the median's

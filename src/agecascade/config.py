@@ -33,6 +33,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: Any = No
     return dataclasses.field(default=default, metadata=meta)
 
 
+def device_option() -> Any:
+    """The ``--device`` every stage that runs a network takes."""
+    return option("auto", help="auto (CUDA when available), cpu, or a torch device such as cuda:1")
+
+
 def _base(kind: Any) -> tuple[Any, bool, bool]:
     """(element type, optional, sequence) of a field's annotation."""
     optional = False

@@ -160,7 +160,7 @@ def log_child_run(name: str, metrics: dict[str, float], tags: dict[str, str] | N
             mlflow.log_artifact(str(path))
 
 
-def log_final(summary: dict[str, float], out: Path, model, input_size: int) -> None:
+def log_final(summary: dict[str, float], out: Path) -> None:
     """Final scores, the files DVC also tracks, and ``out/model.pt`` as the run's model: the
     registry's AgeEstimator pyfunc (models from code, no pickle), so a training run's model
     loads, serves and is promoted (``agecascade promote --run-id``) like the champion.
@@ -169,9 +169,6 @@ def log_final(summary: dict[str, float], out: Path, model, input_size: int) -> N
     copy: the file is the stage's out, so DVC keeps its bytes (workspace and cache) and a second
     copy in mlruns/ would only double the disk a checkpoint takes. Run by hand, nothing else
     keeps the file (a rerun overwrites it), so the model carries it.
-
-    ``model`` and ``input_size`` are not used: the checkpoint ``train`` wrote holds the kept
-    weights and their input size, and is what gets logged.
     """
     from agecascade.serving import log_age_estimator
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from agecascade.atomic import to_csv_atomic, write_text_atomic
 from agecascade.cache import fingerprint, run_key
-from agecascade.config import option
+from agecascade.config import device_option, option
 from agecascade.data.adapters.adience import GROUPS, GROUPS3, TO_GROUP3
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
@@ -96,7 +96,7 @@ class AdienceConfig:
     input_size: int = option(0, help="0 = the init checkpoint's")
     seed: int = option(0)
     workers: int = option(0, help="data-loader processes (full fine-tune)")
-    device: str = option("auto")
+    device: str = device_option()
     out: Path = option(help="folder of metrics.json, folds.csv, classes.csv and folds/")
 
     def __post_init__(self) -> None:

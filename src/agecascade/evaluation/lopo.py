@@ -38,7 +38,7 @@ from torch.func import functional_call, stack_module_state
 
 from agecascade.atomic import to_csv_atomic, torch_save_atomic, write_text_atomic
 from agecascade.cache import run_key
-from agecascade.config import option
+from agecascade.config import device_option, option
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
 from agecascade.evaluation.baselines import median_baseline
@@ -81,8 +81,7 @@ class LopoConfig:
     head_params_budget: int = option(200_000_000, help="mode a: head parameters trained at once "
                                                        "(the folds' heads train in groups that "
                                                        "fit)")
-    device: str = option("auto", help="auto (CUDA when available), cpu, or a torch device "
-                                      "such as cuda:1")
+    device: str = device_option()
     out: Path = option(help="folder of predictions.csv, folds.csv, metrics.json and model.pt")
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agecascade.config import option
+from agecascade.config import device_option, option
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
 from agecascade.explain.cam import MIN_SIDE, cam_grid, cam_maps, predict_ages, target_layer
@@ -55,8 +55,7 @@ class CamConfig:
     min_map_side: int = option(MIN_SIDE, help="explain the deepest block whose map is at least "
                                               "this many cells a side (the last block itself at "
                                               "224 px)")
-    device: str = option("auto", help="auto (CUDA when available), cpu, or a torch device "
-                                      "such as cuda:1")
+    device: str = device_option()
     out: Path = option(help="the PNG to write")
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from agecascade.atomic import to_csv_atomic, write_text_atomic
-from agecascade.config import option
+from agecascade.config import device_option, option
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
 from agecascade.features import automl_env
@@ -97,8 +97,7 @@ class FeaturesConfig:
     seed: int = option(0, help="regressors' seed and the base random init's (use train.seed)")
     input_size: int = option(0, help="0: the checkpoint's")
     batch: int = option(64, help="images per forward pass of the extractors")
-    device: str = option("auto", help="auto (CUDA when available), cpu, or a torch device "
-                                      "such as cuda:1")
+    device: str = device_option()
     out: Path = option(help="folder of results.json, metrics.json, folds.csv and listings/")
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from agecascade.atomic import to_csv_atomic, write_text_atomic
 from agecascade.cache import run_key
-from agecascade.config import option
+from agecascade.config import device_option, option
 from agecascade.data.store import load_prepared
 from agecascade.errors import MissingInput, UserError
 from agecascade.nets import BACKBONES, PRETRAINED, AgeNet, create_model, freeze_features
@@ -63,8 +63,7 @@ class FinetuneConfig:
     max_images: int = option(0, help="train on a seeded subsample of this many images (0 = all)")
     seed: int = option(0)
     workers: int = option(0, help="data-loader processes")
-    device: str = option("auto", help="auto (CUDA when available), cpu, or a torch device "
-                                      "such as cuda:1")
+    device: str = device_option()
     out: Path = option(help="folder of model.pt, metrics.json and history.csv")
 
     def __post_init__(self) -> None:
