@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 # For every test, as for a cautious user: a logged model that needs pickle to load then fails the
@@ -72,3 +73,24 @@ def broken_images(tmp_path: Path) -> dict[str, Path]:
     files["text_named_jpg"].write_text("not really a picture\n")
     files["corrupt"].write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(3).integers(0, 255, 2000, dtype=np.uint8)))
     return files
+
+
+AGES = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]
+
+
+def write_checkpoint(path: Path, seed: int, **meta) -> Path:
+    """An untrained resnet18 in the stage format (input 32 px), with a sharpened output layer so
+    the softmax is far from flat and different images get clearly different ages. ``meta`` adds
+    to or replaces the stage meta (a ``crop`` recipe, say)."""
+    import torch
+
+    from agecascade.nets import create_model
+    from agecascade.train.data import IMAGENET
+
+    torch.manual_seed(seed)
+    model = create_model("resnet18", len(AGES))
+    model.output_layer.weight.data.mul_(3)
+    meta = {"arch": model.arch, "ages": AGES, "input_spec": asdict(IMAGENET), "input_size": 32,
+            "backbone": "resnet18", "mode": "b", "dataset": "agedb"} | meta
+    torch.save({"model": model.state_dict(), "meta": meta, "epoch": 0, "metrics": {}}, path)
+    return path

@@ -10,8 +10,8 @@ from PIL import Image
 
 from agecascade.cli import main
 from agecascade.data.imaging import BadImage, decode, orient_box, to_rgb, upright_rgb
-from agecascade.data.store import load_prepared
-from agecascade.serving import to_images
+from agecascade.data.store import crop_recipe, load_prepared
+from agecascade.inference.faces import FaceSettings, analyse_file
 from conftest import png_bomb, truncated_jpeg, write_image
 
 
@@ -117,15 +117,16 @@ def sixteen_bit_png(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("make", [exif_rotated_jpeg, sixteen_bit_png])
-def test_serving_sees_the_pixels_prepare_trained_on(tmp_path, make):
-    """The whole-image crop at the image's own size is its decoded pixels, so prepare's crop
-    and the serving model's input must be identical, byte for byte."""
+def test_predict_sees_the_pixels_prepare_trained_on(tmp_path, make):
+    """`predict --detector none` on a training image crops it as `prepare` did, byte for byte:
+    one decode (EXIF rotation, 16 bits scaled) and one crop for both."""
     (tmp_path / "utk").mkdir()
     path = make(tmp_path / "utk" / "30_0_1_20170101000000001.jpg.chip.jpg")
     assert main(["prepare", "utkface", "--root", str(path.parent), "--out", str(tmp_path / "out"),
                  "--size", "48", "--box", "image", "--workers", "1"]) == 0
     _, crops = load_prepared(tmp_path / "out")
-    served = to_images(Image.open(path))[0]
+    settings = FaceSettings(crop_recipe(tmp_path / "out"), detector="none")
+    served = analyse_file(str(path), settings).crops[0]
     assert served.dtype == np.uint8 and np.array_equal(served, crops[0])
     # The old serving conversion (no EXIF rotation, 16 bits clipped) fails this test.
     assert not np.array_equal(served, np.asarray(Image.open(path).convert("RGB")))

@@ -188,7 +188,8 @@ def test_target_protocols_report_and_registry(repro_once):
         model = mlflow.pyfunc.load_model("models:/age-estimator@champion")
     finally:
         os.chdir(cwd)
-    ages = model.predict(np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
+    crops = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    ages = model.unwrap_python_model().predict_crops(crops)
     assert ages.shape == (4,) and np.all((ages >= 0) & (ages <= 101))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,43 +19,29 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 from PIL import Image
 
 from agecascade import tracking
-from agecascade.nets import create_model
+from agecascade.candidates import read_candidate
 from agecascade.errors import UserError
 from agecascade.nets.checkpoint import load_checkpoint
-from agecascade.candidates import read_candidate
 from agecascade.pipelines import register as register_stage
 from agecascade.registry import (aliases, checkpoint_reference, promote, register,
                                  run_estimator)
-from agecascade.serving import (AgeEstimator, CheckpointRef, as_batch, dvc_cache_object,
+from agecascade.serving import (AgeEstimator, CheckpointRef, dvc_cache_object,
                                 log_age_estimator, model_digest)
-from agecascade.train.data import IMAGENET, make_loader
+from agecascade.train.data import make_loader
 from agecascade.train.engine import predict
-
-AGES = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]
-
-
-def write_checkpoint(path: Path, seed: int) -> Path:
-    """An untrained resnet18 in the stage format, with a sharpened output layer so the softmax
-    is far from flat and different images get clearly different ages."""
-    torch.manual_seed(seed)
-    model = create_model("resnet18", len(AGES))
-    model.output_layer.weight.data.mul_(3)
-    meta = {"arch": model.arch, "ages": AGES, "input_spec": asdict(IMAGENET), "input_size": 32,
-            "backbone": "resnet18", "mode": "b", "dataset": "agedb"}
-    torch.save({"model": model.state_dict(), "meta": meta, "epoch": 0, "metrics": {}}, path)
-    return path
+from conftest import AGES, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -102,38 +89,54 @@ def checkpoint_ages(checkpoint: Path, images: np.ndarray) -> np.ndarray:
     return ages.numpy()
 
 
-def test_champion_pyfunc_matches_the_checkpoint(store):
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_champion_pyfunc_takes_encoded_photos_and_matches_the_checkpoint(store):
     assert register(store.uris[0], "t-serve") == 1
     model = mlflow.pyfunc.load_model("models:/t-serve@champion")
-    batch = faces(5, (48, 48), seed=1)
-    ages = model.predict(batch)
+    batch = faces(5, (32, 32), seed=1)  # at the input size: the crop is the image itself
+    request = pd.DataFrame({"image": [png(image) for image in batch] + [b"not an image"]})
+    answer = model.predict(request, params={"detector": "none", "probs": True})
+    assert list(answer["index"]) == [0, 1, 2, 3, 4, 5] and list(answer["face"][:5]) == [0] * 5
+    ages = answer["age"][:5].to_numpy(dtype=np.float32)
+    assert np.ptp(ages) > 1.0  # the images are told apart: a constant output would hide bugs
+    np.testing.assert_allclose(ages, checkpoint_ages(store.checkpoints[0], batch), atol=2e-3)
+    assert all(min(AGES) <= low <= high <= max(AGES)
+               for low, high in zip(answer["age_low"][:5], answer["age_high"][:5]))
+    assert all(len(p) == len(AGES) and abs(sum(p) - 1) < 1e-3 for p in answer["probs"][:5])
+    assert answer["box"][0] == [0.0, 0.0, 32.0, 32.0] and answer["detector"][0] == "none"
+    bad = answer.iloc[5]  # a broken file is a row with its error, and no invented age
+    assert (bad["face"], bad["error"], bad["age"]) == (None, "not_an_image", None)
+
+
+def test_predict_crops_takes_arrays_and_pil_images_of_any_size(store, estimator):
+    batch = faces(5, (32, 32), seed=1)
+    ages = estimator.predict_crops(batch)
     assert ages.shape == (5,) and ages.dtype == np.float32
     assert np.all((ages >= min(AGES)) & (ages <= max(AGES)))
-    assert np.ptp(ages) > 1.0  # the images are told apart: a constant output would hide bugs
     np.testing.assert_allclose(ages, checkpoint_ages(store.checkpoints[0], batch), atol=1e-4)
-
-    direct = model.unwrap_python_model()
     images = [Image.fromarray(faces(1, size, seed=2 + i)[0])
               for i, size in enumerate([(20, 30), (64, 64), (48, 80), (64, 64)])]
-    mixed = model.predict(as_batch(images))  # mixed sizes travel as a 1-D object array
-    assert mixed.shape == (4,)
-    assert np.all((mixed >= min(AGES)) & (mixed <= max(AGES)))
-    np.testing.assert_allclose(mixed, direct.predict(None, images), atol=1e-5)
-    one_by_one = [direct.predict(None, image)[0] for image in images]  # order is kept
+    mixed = estimator.predict_crops(images)
+    one_by_one = [estimator.predict_crops(image)[0] for image in images]  # order is kept
     np.testing.assert_allclose(mixed, one_by_one, atol=1e-4)
     # the same pixels as uint8 array, PIL image, or float in [0, 1] give the same age
-    as_pil = direct.predict(None, [Image.fromarray(image) for image in batch])
+    as_pil = estimator.predict_crops([Image.fromarray(image) for image in batch])
     np.testing.assert_allclose(as_pil, ages, atol=1e-5)
-    np.testing.assert_allclose(direct.predict(None, batch / 255.0), ages, atol=1e-5)
+    np.testing.assert_allclose(estimator.predict_crops(batch / 255.0), ages, atol=1e-5)
 
 
 def test_every_image_reaches_the_network_at_input_size(estimator):
-    """Non-square crops are stretched to 32 x 32, including one as wide as the input size,
-    which to_input alone leaves at 40 x 32 (the network would then run on it silently)."""
+    """Non-square crops are stretched to 32 x 32, including one as wide as the input size."""
     seen = []
-    hook = estimator.model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape))
+    engine = estimator.predictor.engine
+    hook = engine.model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape))
     try:
-        ages = estimator.predict(None, [faces(1, size, seed=0)[0]
+        ages = estimator.predict_crops([faces(1, size, seed=0)[0]
                                         for size in [(40, 32), (20, 30), (32, 32), (40, 32)]])
     finally:
         hook.remove()
@@ -153,9 +156,14 @@ def test_every_image_reaches_the_network_at_input_size(estimator):
     (np.zeros((1, 8, 8, 3), bool), "neither integer nor float"),
     ([Image.new("RGB", (8, 8)), {"pixels": 1}], "image 1: got dict"),
 ])
-def test_bad_input_is_a_clear_error(estimator, bad, message):
+def test_bad_crops_are_a_clear_error(estimator, bad, message):
     with pytest.raises(ValueError, match=message):
-        estimator.predict(None, bad)
+        estimator.predict_crops(bad)
+
+
+def test_a_request_without_an_image_column_is_a_clear_error(estimator):
+    with pytest.raises(ValueError, match="binary column 'image'"):
+        estimator.predict(None, pd.DataFrame({"photo": [b""]}))
 
 
 def test_registering_twice_rotates_and_promote_moves_the_aliases(store):
@@ -288,7 +296,7 @@ def test_logged_model_loads_without_the_repository(store):
             sys.exit("agecascade is still importable from " + agecascade.__file__)
         import mlflow, numpy as np
         model = mlflow.pyfunc.load_model("models:/t-outside@champion")
-        print(model.predict(np.load("batch.npy")).tolist())
+        print(model.unwrap_python_model().predict_crops(np.load("batch.npy")).tolist())
         """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], cwd=store.root, env=env,
@@ -334,7 +342,7 @@ def test_every_logged_model_is_code_only_and_loads_without_pickle(store):
         assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
         assert "model_code_path" in pyfunc and "python_model" not in pyfunc
         model_id = mlmodel.parent.parent.name
-        ages = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(batch)
+        ages = mlflow.pyfunc.load_model(f"models:/{model_id}").unwrap_python_model().predict_crops(batch)
         assert ages.shape == (2,) and np.isfinite(ages).all()
 
 
@@ -365,7 +373,7 @@ def test_a_moved_checkout_still_opens_its_runs_and_models(tmp_path):
         import json, mlflow, numpy as np
         mlflow.set_tracking_uri("sqlite:///mlflow.db")
         batch, run = np.load("batch.npy"), "{run.info.run_id}"
-        ages = lambda uri: mlflow.pyfunc.load_model(uri).predict(batch).tolist()
+        ages = lambda uri: mlflow.pyfunc.load_model(uri).unwrap_python_model().predict_crops(batch).tolist()
         print(json.dumps({{
             "files": [f.path for f in mlflow.MlflowClient().list_artifacts(run)],
             "notes": mlflow.artifacts.load_text(f"runs:/{{run}}/notes.txt"),
@@ -462,7 +470,7 @@ def test_a_by_reference_model_stores_no_weights_and_loads_from_the_workspace(sto
     assert checkpoint_reference(model.model_uri) == {
         "path": relative, "md5": md5_of(checkpoint), "size": checkpoint.stat().st_size}
     batch = faces(3, (40, 40), seed=10)
-    ages = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(batch)
+    ages = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").unwrap_python_model().predict_crops(batch)
     np.testing.assert_allclose(ages, checkpoint_ages(checkpoint, batch), atol=1e-4)
     with pytest.raises(UserError, match="cannot be a registered version"):
         register(model.model_uri, "t-by-reference")  # the registry holds self-contained models
@@ -486,7 +494,7 @@ def test_a_by_reference_model_falls_back_to_the_dvc_cache(store, dvc_repo, cache
         assert cached.is_file() and dvc_cache_object(dvc_repo, md5).resolve() == cached
         with set_aside(checkpoint):
             write_checkpoint(checkpoint, seed=5)
-            ages = mlflow.pyfunc.load_model(model.model_uri).predict(batch)
+            ages = mlflow.pyfunc.load_model(model.model_uri).unwrap_python_model().predict_crops(batch)
             np.testing.assert_allclose(ages, logged_ages, atol=1e-4)
             assert not np.allclose(ages, checkpoint_ages(checkpoint, batch), atol=1e-2)
     finally:
@@ -551,7 +559,7 @@ def test_promoting_a_by_reference_run_registers_a_self_contained_copy(store):
     with set_aside(checkpoint, store.root / ".dvc" / "cache"):
         with pytest.raises(UserError, match=f"md5 {md5}"):
             mlflow.pyfunc.load_model(model.model_uri)
-        ages = mlflow.pyfunc.load_model("models:/t-copy@champion").predict(batch)
+        ages = mlflow.pyfunc.load_model("models:/t-copy@champion").unwrap_python_model().predict_crops(batch)
     np.testing.assert_allclose(ages, expected, atol=1e-4)
 
 

@@ -615,7 +615,8 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
     network, meta = load_checkpoint(checkpoint)
     loader = make_loader(images, np.zeros(6, dtype=np.int64), np.arange(6), 6, False, 0, 0, False)
     _, _, expected = predict(network, loader, torch.device("cpu"), SIZE, torch.tensor(meta["ages"]))
-    np.testing.assert_allclose(model.predict(images), expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(model.unwrap_python_model().predict_crops(images), expected.numpy(),
+                               atol=1e-4)
     from agecascade.registry import aliases, promote
 
     # promoted, it becomes a self-contained version that no longer needs the checkout's file
@@ -624,4 +625,5 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
     assert checkpoint_reference("models:/t-train@champion") is None
     checkpoint.unlink()
     champion = mlflow.pyfunc.load_model("models:/t-train@champion")
-    np.testing.assert_allclose(champion.predict(images), expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(champion.unwrap_python_model().predict_crops(images),
+                               expected.numpy(), atol=1e-4)

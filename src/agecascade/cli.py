@@ -31,6 +31,9 @@ COMMANDS = {
                 "make a registered version, or a run's model, the champion"),
     "report": ("agecascade.pipelines.report",
                "the thesis's tables from this run's outputs (reports/summary.md)"),
+    "predict": ("agecascade.commands.predict",
+                "the age of every face in photos, folders and videos (JSON lines or CSV)"),
+    "export": ("agecascade.commands.export", "a checkpoint as an ONNX graph, checked for parity"),
     "demo-data": ("agecascade.commands.demo_data",
                   "write small synthetic datasets in native layouts"),
 }

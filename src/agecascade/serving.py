@@ -16,23 +16,23 @@ Either way it is a model from code: loading it runs the package's own code and
 ``torch.load(weights_only=True)``, never an unpickler, so it loads with
 ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
-Input convention (the MLmodel signature is uint8 ``(-1, -1, -1, 3)`` -> float32 ``(-1,)``):
+Input (the MLmodel signature): a DataFrame with a binary column ``image``, the bytes of a JPEG,
+PNG or any image Pillow reads (MLflow's REST server base64-decodes them from JSON), and optional
+params ``detector`` (``none`` treats each image as one face crop), ``min_face`` and ``probs``.
+Output: one row per face, with the input row's ``index`` and the fields of ``agecascade
+predict`` (box, detector, score, age, age_std, age_low, age_high, p_under_18, error). An image
+without a face, or one that cannot be read, gets one row with ``face`` null and the error.
 
-* RGB pixels, height x width x 3. uint8 (or any integer type) is read as 0..255; floats must
-  already be scaled to [0, 1] (the torchvision ``ToTensor`` convention). A float image with
-  values above 1 is refused rather than guessed at: a dark 0..255 image and a [0, 1] image cannot
-  be told apart reliably.
-* Any size: each image is resized (stretched if not square) to the checkpoint's input size.
-* Through the pyfunc a batch is a uint8 array (N, H, W, 3), or a 1-D object array of images for
-  mixed sizes, which MLflow's tensor signature lets through. :func:`as_batch` packs a list of
-  arrays / PIL images, or a single image, into one of those forms. Called directly
-  (``loaded.unwrap_python_model().predict(None, images)``), ``predict`` takes those lists and
-  single images as they are.
+Face-crop arrays, for callers that hold crops already (the report, tests): load the model and
+call ``loaded.unwrap_python_model().predict_crops(images)``: RGB (H, W, 3) arrays (uint8, or
+float in [0, 1]), PIL images, or a batch (N, H, W, 3), each resized to the model's input size;
+it returns the DEX ages, float32 (N,).
 """
 from __future__ import annotations
 
 import configparser
 import hashlib
+import io
 import os
 import tempfile
 from collections import defaultdict
@@ -43,16 +43,17 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.entities import LoggedModel
 from PIL import Image
 
 from agecascade.data.imaging import upright_rgb
 from agecascade.errors import MissingInput, UserError
-from agecascade.nets.checkpoint import input_spec, load_checkpoint
-from agecascade.nets.dex import dex_age
+from agecascade.inference.faces import FaceSettings, ImageFaces, analyse_bytes, rows
+from agecascade.inference.predictor import Predictor, TorchEngine
+from agecascade.nets.checkpoint import load_checkpoint
 from agecascade.registry import DIGEST_TAG, MODEL_TYPE, NAME, REFERENCE
-from agecascade.train.data import to_input
 
 CHECKPOINT = "checkpoint"  # the artifact key of model.pt in a self-contained model
 # The logged model's entry point ("models from code"): MLflow runs it at load time instead of
@@ -60,6 +61,10 @@ CHECKPOINT = "checkpoint"  # the artifact key of model.pt in a self-contained mo
 ENTRY = ("import mlflow\n\nfrom agecascade.serving import AgeEstimator\n\n"
          "mlflow.models.set_model(AgeEstimator())\n")
 BATCH = 64  # images per forward pass: bounds memory for large requests
+MAX_PIXELS = 50_000_000  # a larger served image is refused (decompression bomb), as in predict
+MAX_BYTES = 32 * 2**20   # a larger encoded image is refused
+COLUMNS = ("index", "face", "box", "detector", "score", "age", "age_std", "age_low", "age_high",
+           "p_under_18", "error", "detail")
 EXPECTED = ("an RGB image (H, W, 3) or a batch (N, H, W, 3) as a numpy array (uint8 0..255, or "
             "float in [0, 1]), a PIL image, or a list of those")
 
@@ -107,18 +112,6 @@ def to_images(model_input: Any) -> list[np.ndarray]:
     if isinstance(model_input, Sequence) and not isinstance(model_input, (str, bytes)):
         return [_pixels(item, f"image {i}") for i, item in enumerate(model_input)]
     raise UserError(f"input of type {type(model_input).__name__}: expected {EXPECTED}")
-
-
-def as_batch(images: Any) -> np.ndarray:
-    """Pack any accepted input into what the pyfunc signature lets through: uint8 (N, H, W, 3)
-    when all images share a size, else a 1-D object array of uint8 (H, W, 3) images."""
-    pixels = to_images(images)
-    if len({p.shape for p in pixels}) == 1:
-        return np.stack(pixels)
-    packed = np.empty(len(pixels), dtype=object)  # np.array(list) would try to stack them
-    for i, p in enumerate(pixels):
-        packed[i] = p
-    return packed
 
 
 def file_md5(path: Path) -> str:
@@ -196,48 +189,94 @@ class AgeEstimator(mlflow.pyfunc.PythonModel):
     """A stage checkpoint behind the pyfunc interface; see the module docstring for inputs."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         reference = (context.model_config or {}).get(REFERENCE)
         # a by-reference model resolves its checkpoint against the working directory, the
         # checkout's root, as mlruns/ and the tracking database are
-        checkpoint = (resolve_checkpoint(CheckpointRef(**reference), Path.cwd()) if reference
-                      else Path(context.artifacts[CHECKPOINT]))
-        self.model, meta = load_checkpoint(checkpoint, self.device)
-        self.size = int(meta["input_size"])
-        self.spec = input_spec(meta)
-        self.ages = torch.tensor(meta["ages"], dtype=torch.float32, device=self.device)
+        self.checkpoint = (resolve_checkpoint(CheckpointRef(**reference), Path.cwd())
+                           if reference else Path(context.artifacts[CHECKPOINT]))
+        self.predictor = Predictor(TorchEngine(self.checkpoint), BATCH)
 
-    # np.ndarray is what the pyfunc hands over; MLflow skips its own type-hint checks for it.
-    def predict(self, context: Any, model_input: np.ndarray,
-                params: dict[str, Any] | None = None) -> np.ndarray:
-        """DEX ages, float32 (N,), in input order. Direct callers may also pass a list of arrays
-        / PIL images or a single PIL image."""
-        images = to_images(model_input)
+    # pd.DataFrame is what the pyfunc hands over; MLflow skips its own type-hint checks for it.
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One row per face of each input image (see the module docstring)."""
+        params = params or {}
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise UserError("expected a DataFrame with a binary column 'image' (encoded image "
+                            "bytes); for face-crop arrays use predict_crops")
+        settings = FaceSettings(self.predictor.recipe, str(params.get("detector", "auto")),
+                                int(params.get("min_face", 0)), MAX_PIXELS, MAX_BYTES)
+        found = [_analyse(value, i, settings) for i, value in enumerate(model_input["image"])]
+        crops = [f.crops for f in found if not f.error and f.faces]
+        estimates, probs = self.predictor.estimate(np.concatenate(crops)) if crops else ({}, None)
+        out, offset = [], 0
+        for index, entry in zip(model_input.index, found):
+            n = 0 if entry.error else len(entry.faces)
+            mine = {k: v[offset:offset + n] for k, v in estimates.items()}
+            want = probs[offset:offset + n] if params.get("probs") and n else None
+            out += rows(entry, mine, want, index=int(index) if isinstance(index, (int, np.integer))
+                        else str(index))
+            offset += n
+        columns = [*COLUMNS, *(["probs"] if params.get("probs") else [])]
+        frame = pd.DataFrame(out, columns=columns, dtype=object)
+        return frame.where(frame.notna(), None)  # a missing age is null in JSON, never NaN
+
+    def predict_crops(self, images: Any) -> np.ndarray:
+        """DEX ages, float32 (N,), of face crops given as arrays or PIL images (any size, each
+        resized to the input size), in input order."""
+        images = to_images(images)
         ages = np.empty(len(images), dtype=np.float32)
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             by_shape[image.shape].append(i)
-        for rows in by_shape.values():  # same-sized images run as one batch
-            for start in range(0, len(rows), BATCH):
-                chunk = rows[start:start + BATCH]
-                ages[chunk] = self._ages(np.stack([images[i] for i in chunk]))
+        for chunk in by_shape.values():  # same-sized images run as one batch
+            estimates, _ = self.predictor.estimate(np.stack([images[i] for i in chunk]))
+            ages[chunk] = estimates["age"]
         return ages
 
-    @torch.no_grad()
-    def _ages(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) -> DEX ages (B,)."""
-        x = to_input(torch.from_numpy(batch).to(self.device), self.size, False, self.spec)
-        return dex_age(self.model(x), self.ages).cpu().numpy()
+
+def _analyse(value: Any, i: int, settings: FaceSettings) -> ImageFaces:
+    """One request cell -> faces; a cell that is not bytes, or too many of them, gets an error."""
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if not isinstance(value, bytes):
+        return ImageFaces(error="not_image_bytes",
+                          detail=f"got {type(value).__name__}; send the encoded file's bytes "
+                                 "(base64 in JSON)")
+    if len(value) > MAX_BYTES:
+        return ImageFaces(error="file_too_large", detail=f"{len(value)} bytes (limit {MAX_BYTES})")
+    return analyse_bytes(value, f"image {i}", settings)
+
+
+def engine_from_uri(uri: str, device: str = "auto") -> TorchEngine:
+    """The torch engine of a logged AgeEstimator (``models:/…``, ``runs:/…``), on ``device``."""
+    estimator = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if not isinstance(estimator, AgeEstimator):
+        raise UserError(f"{uri} is a {type(estimator).__name__}, not an agecascade AgeEstimator")
+    return TorchEngine(estimator.checkpoint, device)
+
+
+# Face detectors the served model uses when installed (the `faces` extra): without them a
+# photo's faces cannot be found, only crops (detector "none") served.
+DETECTOR_PACKAGES = ("dlib-bin", "opencv-python-headless")
 
 
 def requirements() -> list[str]:
     """Exact pins of what the model imports, from the installed versions (local tags like
     +cu130 dropped: they are not on PyPI)."""
+    from importlib import metadata
+
     import PIL
     import torchvision
 
     found = {"torch": torch.__version__, "torchvision": torchvision.__version__,
-             "numpy": np.__version__, "pillow": PIL.__version__, "mlflow": mlflow.__version__}
+             "numpy": np.__version__, "pillow": PIL.__version__, "mlflow": mlflow.__version__,
+             "pandas": pd.__version__}
+    for package in DETECTOR_PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
     return [f"{name}=={version.split('+')[0]}" for name, version in found.items()]
 
 
@@ -275,6 +314,12 @@ class _CodeOnlyPyfunc:
         mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
+def _example_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def log_age_estimator(checkpoint: Path, name: str = "model",
                       by_reference: bool = False) -> LoggedModel:
     """Log ``checkpoint`` as an AgeEstimator pyfunc (into the active run, if any).
@@ -287,7 +332,7 @@ def log_age_estimator(checkpoint: Path, name: str = "model",
     """
     import agecascade
     from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -302,9 +347,14 @@ def log_age_estimator(checkpoint: Path, name: str = "model",
                   "tags": {DIGEST_TAG: model_digest(checkpoint)}}
         md5 = file_md5(checkpoint)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]))
-    example = np.full((1, 16, 16, 3), 128, dtype=np.uint8)  # small: the example is stored as JSON
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        outputs=Schema([ColSpec(DataType.long, "index"), ColSpec(DataType.long, "face", required=False),
+                        ColSpec(DataType.double, "age", required=False),
+                        ColSpec(DataType.string, "error", required=False)]),
+        params=ParamSchema([ParamSpec("detector", DataType.string, "auto"),
+                            ParamSpec("min_face", DataType.long, 0),
+                            ParamSpec("probs", DataType.boolean, False)]))
+    example = pd.DataFrame({"image": [_example_png()]})  # small: the example is stored as JSON
     with tempfile.TemporaryDirectory() as tmp:
         entry = Path(tmp) / "age_estimator.py"
         entry.write_text(ENTRY)

@@ -19,7 +19,6 @@ from .crops import crop_face, whole_image_box
 from .detect import available_detectors, detect_face
 from .imaging import BadImage, decode, orient_box
 
-BOX_POLICIES = ("auto", "image")
 # A face box may stick out of a tight crop, but not by this much: beyond it the annotation is
 # broken (a dataset box 1e5 px wide on a 100 px image), not a face.
 MAX_BOX_TO_IMAGE = 2.0
@@ -66,7 +65,7 @@ def _usable(box: tuple[float, float, float, float], width: int, height: int) -> 
             and x1 - x0 <= limit and y1 - y0 <= limit)
 
 
-def _read(file: str, max_bytes: int) -> bytes:
+def read_bytes(file: str, max_bytes: int) -> bytes:
     """The file's bytes; BadImage for what is not a regular file or is over the size cap.
 
     Checking the type first keeps a FIFO or a device named like an image from blocking the
@@ -100,7 +99,7 @@ def crop_file(job: CropJob, settings: CropSettings) -> CropResult:
 
 
 def _crop(job: CropJob, settings: CropSettings) -> CropResult:
-    data = _read(job.file, settings.max_file_bytes)
+    data = read_bytes(job.file, settings.max_file_bytes)
     decoded = decode(data, job.file, settings.max_pixels)
     image, notes = decoded.image, list(decoded.notes)
 

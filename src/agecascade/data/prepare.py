@@ -31,7 +31,8 @@ from agecascade.config import option
 from agecascade.errors import UserError
 
 from .adapters import ADAPTERS, get_adapter
-from .cropper import BOX_POLICIES, CropJob, CropResult, CropSettings, crop_file
+from .cropper import CropJob, CropResult, CropSettings, crop_file
+from .recipe import BOX_POLICIES
 from .detect import available_detectors
 from .imaging import DEFAULT_MAX_PIXELS
 from .report import DropReport

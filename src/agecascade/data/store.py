@@ -6,11 +6,14 @@ and random access from many data-loader workers at once. That is what keeps a GP
 from __future__ import annotations
 
 import ast
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from agecascade.data.recipe import CropRecipe
 from agecascade.errors import MissingInput, UserError
 
 MANIFEST, CROPS, REPORT, COUNTS = "manifest.parquet", "crops.npy", "report.json", "counts.json"
@@ -52,3 +55,17 @@ def load_prepared(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
     if len(manifest) != len(crops):
         raise UserError(f"{folder}: manifest has {len(manifest)} rows but crops.npy {len(crops)}")
     return manifest, crops
+
+
+def crop_recipe(folder: Path) -> CropRecipe:
+    """How ``prepare`` cut this folder's crops, from its report.json; the defaults, with a
+    warning, for a store without one (made by hand or by an older version)."""
+    try:
+        crops = json.loads((folder / REPORT).read_text())["crops"]
+        return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
+                          size=int(crops["shape"][1]))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        size = int(np.load(folder / CROPS, mmap_mode="r").shape[1])
+        warnings.warn(f"{folder}: no crop recipe in {REPORT} ({type(err).__name__}: {err}); the "
+                      f"model records the defaults at size {size}", stacklevel=2)
+        return CropRecipe(size=size)

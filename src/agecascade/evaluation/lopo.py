@@ -39,7 +39,7 @@ from torch.func import functional_call, stack_module_state
 from agecascade.atomic import to_csv_atomic, torch_save_atomic, write_text_atomic
 from agecascade.cache import run_key
 from agecascade.config import device_option, option
-from agecascade.data.store import load_prepared
+from agecascade.data.store import crop_recipe, load_prepared
 from agecascade.errors import UserError
 from agecascade.evaluation.baselines import median_baseline
 from agecascade.nets import PRETRAINED, AgeNet, create_model, freeze_features
@@ -450,7 +450,7 @@ def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None 
     meta |= {"ages": list(space.values), "mode": config.mode,
              "dataset": str(manifest["dataset"].iloc[0]), "input_size": config.input_size,
              "init": str(config.model or f"{config.backbone}:{config.pretrained}"),
-             "lopo": config.settings()}
+             "lopo": config.settings(), "crop": asdict(crop_recipe(config.manifest))}
     torch_save_atomic({"model": {k: v.cpu() for k, v in final.state_dict().items()},
                        "meta": meta, "epoch": config.epochs - 1, "metrics": summary},
                       out / "model.pt")

@@ -21,7 +21,7 @@ import torch
 from agecascade.atomic import to_csv_atomic, write_text_atomic
 from agecascade.cache import run_key
 from agecascade.config import device_option, option
-from agecascade.data.store import load_prepared
+from agecascade.data.store import crop_recipe, load_prepared
 from agecascade.errors import MissingInput, UserError
 from agecascade.nets import BACKBONES, PRETRAINED, AgeNet, create_model, freeze_features
 from agecascade.nets.checkpoint import input_spec
@@ -176,7 +176,8 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
             "pretrained": config.pretrained, "mode": config.mode,
             "dataset": str(manifest["dataset"].iloc[0]), "ages": list(space.values),
             "input_size": config.input_size, "init": str(config.init or ""), "seed": config.seed,
-            "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}
+            "val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
+            "crop": asdict(crop_recipe(config.manifest))}
     history = fit(model, train_loader, val_loader, ages, optimizer, loop, device, config.out,
                   meta, on_epoch, start.key)
     return finish(config, model, history, crops, labels, rows, ages, device, space), model

@@ -1,0 +1,21 @@
+"""The crop recipe: how a model's training crops were cut, kept with the model.
+
+It lives apart from the crop geometry (``crops``) because training and serving read it while only
+``prepare`` and ``predict`` cut crops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BOX_POLICIES = ("auto", "image")
+
+
+@dataclass(frozen=True)
+class CropRecipe:
+    """How a model's training crops were cut, stored in its checkpoint so that ``predict`` cuts
+    every face of a photo the same way: a square window around the face box, grown by ``margin``
+    of the box side on every side, resized to ``size``. ``box_policy`` says where training boxes
+    came from: ``auto`` a face box (dataset or detector), ``image`` the whole (chip) image."""
+    margin: float = 0.4
+    box_policy: str = "auto"
+    size: int = 224

@@ -1,0 +1,1 @@
+"""Photos in, ages out: faces found, cropped as the model's training data was, and estimated; no MLflow."""
