@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@# beside the main install. pip does not compile bytecode (on one core, for every module):
 	@# the processes that import a module write its bytecode, see unexport above.
 	PYTHONPATH=src $(PYTHON) -m agecascade.features.automl_env > $(VENV)/automl-env.log 2>&1 & automl=$$!; \
-	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q -e '.[faces,dev]'; pip=$$?; \
+	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q -e '.[faces,onnx,dev]'; pip=$$?; \
 	wait $$automl; automl=$$?; cat $(VENV)/automl-env.log; test $$pip = 0 && test $$automl = 0
 	touch $(STAMP)
 

@@ -587,3 +587,22 @@ def test_log_final_refers_to_a_dvc_out_and_carries_anything_else(store, monkeypa
     else:
         assert reference is None
         assert "artifacts/model.pt" in stored_files(store.root, model.model_id)
+
+
+def test_register_stage_can_also_register_the_onnx_model(store):
+    pytest.importorskip("onnxruntime")
+    candidate = write_candidate(store.root / "onnx.json", mae=3.0, model=str(store.checkpoints[0]),
+                                backbone="resnet18", mode="b")
+    out = store.root / "reports" / "registry-onnx.json"
+    argv = ["--candidate", str(candidate), "--name", "t-both", "--out", str(out), "--onnx"]
+    assert register_stage.main(stage_args(argv)) == 0
+    report = json.loads(out.read_text())
+    assert report["onnx"]["name"] == "t-both-onnx" and report["onnx"]["version"] == 1
+    assert aliases("t-both-onnx") == {"champion": 1}
+    crops = faces(4, (32, 32), seed=5)
+    served = mlflow.pyfunc.load_model("models:/t-both-onnx@champion").predict(crops)
+    np.testing.assert_allclose(served["age"], checkpoint_ages(store.checkpoints[0], crops),
+                               atol=0.05)
+    mlmodel = next(store.root.glob(f"mlruns/*/models/{report['onnx']['model_uri'].split('/')[-1]}"
+                                   "/artifacts/MLmodel")).read_text()
+    assert "pickle" not in mlmodel and "onnx" in mlmodel

@@ -22,6 +22,7 @@ from agecascade import tracking
 from agecascade.atomic import write_text_atomic
 from agecascade.config import option
 from agecascade.errors import MissingInput, UserError
+from agecascade.inference.onnx import log_onnx_model
 from agecascade.registry import (CHALLENGER, CHAMPION, EXPERIMENT, NAME, aliases, link_twin,
                                  register)
 from agecascade.serving import log_age_estimator, model_digest
@@ -36,6 +37,8 @@ class RegisterConfig:
     out: Path = option(help="report JSON, e.g. reports/registry.json")
     name: str = option(NAME, help="registered model name")
     experiment: str = option(EXPERIMENT, help="MLflow experiment of the run")
+    onnx: bool = option(False, help="also log the winner as an ONNX model (mlflow.onnx: no "
+                                    "pickle, no PyTorch) and register it as NAME-onnx")
 
 
 def read_candidate(path: Path) -> dict:
@@ -74,11 +77,16 @@ def register_best(config: RegisterConfig) -> dict:
         checkpoint = Path(best["model"])
         model = (link_twin(run.info.run_id, model_digest(checkpoint))
                  or log_age_estimator(checkpoint))
+        onnx_model = log_onnx_model(checkpoint) if config.onnx else None
     version = register(model.model_uri, config.name, tags)
+    onnx = ({"name": f"{config.name}-onnx", "model_uri": onnx_model.model_uri,
+             "version": register(onnx_model.model_uri, f"{config.name}-onnx", tags)}
+            if onnx_model else None)
     report = {"name": config.name, "version": version, "alias": CHAMPION,
               CHALLENGER: aliases(config.name).get(CHALLENGER), "run_id": run.info.run_id,
               "model_uri": f"models:/{config.name}/{version}", "logged_model": model.model_uri,
-              "logged_by_run": model.source_run_id, "chosen": best, "candidates": candidates}
+              "logged_by_run": model.source_run_id, "onnx": onnx, "chosen": best,
+              "candidates": candidates}
     config.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config.out, json.dumps(report, indent=2) + "\n")
     return report

@@ -64,7 +64,8 @@ class TorchEngine:
 
     @torch.no_grad()
     def probs(self, crops: np.ndarray) -> np.ndarray:
-        x = to_input(torch.from_numpy(crops).to(self.device), self.size, False, self.spec)
+        pixels = torch.from_numpy(np.require(crops, requirements=["C", "W"]))  # copies a read-only mmap
+        x = to_input(pixels.to(self.device), self.size, False, self.spec)
         return torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
 
 
