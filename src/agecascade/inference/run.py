@@ -29,7 +29,7 @@ from agecascade.data.detect import DETECTORS
 from agecascade.errors import UserError
 from agecascade.inference.faces import NO_DETECTOR, FaceSettings, ImageFaces, rows
 from agecascade.inference.predictor import Predictor
-from agecascade.inference.sources import analyse, expand, is_video
+from agecascade.inference.sources import analyse_safely, expand, is_video, worker_init
 
 IN_FLIGHT = 4           # tasks queued per worker: keeps workers busy, bounds memory
 CSV_FIELDS = ("file", "time", "face", "box", "detector", "score", "age", "age_std", "age_low",
@@ -85,43 +85,23 @@ class Summary:
                 f"faces/s over {self.seconds:.1f} s")
 
 
-def _worker_init() -> None:
-    """One thread per worker process: the processes are the parallelism."""
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
-def _analyse_safely(path: Path, settings: FaceSettings, video_fps: float) -> list[ImageFaces]:
-    try:
-        return analyse(path, settings, video_fps)
-    except Exception as err:  # a detector or video library failing on one file
-        return [ImageFaces(error="processing_error", detail=f"{type(err).__name__}: {err}")]
-
-
 def analysed(files: list[Path], settings: FaceSettings, video_fps: float,
              workers: int) -> Iterator[tuple[Path, list[ImageFaces]]]:
     """Each file's faces, in input order. A worker that dies (out of memory, a crash in native
     code) marks the files it may have held as ``worker_died``; a fresh pool takes the rest."""
     if workers <= 1 or len(files) < 2:
-        yield from ((f, _analyse_safely(f, settings, video_fps)) for f in files)
+        yield from ((f, analyse_safely(f, settings, video_fps)) for f in files)
         return
     todo = deque(files)
     while todo:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init)
+                                   initializer=worker_init)
         pending: deque[tuple[Path, Future]] = deque()
         try:
             while todo or pending:
                 while todo and len(pending) < IN_FLIGHT * workers:
                     path = todo.popleft()
-                    pending.append((path, pool.submit(_analyse_safely, path, settings, video_fps)))
+                    pending.append((path, pool.submit(analyse_safely, path, settings, video_fps)))
                 path, future = pending[0]
                 try:
                     result = future.result()

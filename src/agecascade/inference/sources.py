@@ -41,6 +41,25 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
+def worker_init() -> None:
+    """One thread per worker process, the processes being the parallelism. Set before torch is
+    imported (only MTCNN imports it), so this module never pays torch's import itself."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import cv2
+    except ImportError:
+        return
+    cv2.setNumThreads(1)
+
+
+def analyse_safely(path: Path, settings: FaceSettings, video_fps: float) -> list[ImageFaces]:
+    """:func:`analyse`, with a failure of a detector or video library on one file as its row."""
+    try:
+        return analyse(path, settings, video_fps)
+    except Exception as err:
+        return [ImageFaces(error="processing_error", detail=f"{type(err).__name__}: {err}")]
+
+
 def analyse(path: Path, settings: FaceSettings, video_fps: float) -> list[ImageFaces]:
     """The faces of one input: a photo gives one entry, a video one per sampled frame."""
     if is_video(path):
