@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	@# beside the main install. pip does not compile bytecode (on one core, for every module):
 	@# the processes that import a module write its bytecode, see unexport above.
 	PYTHONPATH=src $(PYTHON) -m agecascade.features.automl_env > $(VENV)/automl-env.log 2>&1 & automl=$$!; \
-	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q -e '.[faces,onnx,dev]'; pip=$$?; \
+	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q -e '.[faces,onnx,dev]' && \
+	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q --no-deps facenet-pytorch==2.6.0; pip=$$?; \
 	wait $$automl; automl=$$?; cat $(VENV)/automl-env.log; test $$pip = 0 && test $$automl = 0
 	touch $(STAMP)
 

@@ -49,12 +49,12 @@ class _Spec:
 
 
 # dlib's HOG window is 80 px and its cost grows with the copy's area, so it stops at 1/8 of the
-# long side (a 640 px copy); MTCNN and Haar can afford 1/16, which keeps children beside adults in
-# a group photo. 20 px is facenet-pytorch's own default smallest face.
+# long side (a 640 px copy); MTCNN and Haar afford 1/12, which keeps children beside adults in a
+# group photo. 20 px is facenet-pytorch's own default smallest face.
 _SPECS = {
-    "mtcnn": _Spec("facenet-pytorch (pip install --no-deps facenet-pytorch==2.6.0)", 20, 16, False),
+    "mtcnn": _Spec("facenet-pytorch (pip install --no-deps facenet-pytorch==2.6.0)", 20, 12, False),
     "dlib": _Spec("dlib (pip install 'agecascade[faces]')", 80, 8, True),
-    "haar": _Spec("opencv-python-headless (pip install 'agecascade[faces]')", 24, 16, False),
+    "haar": _Spec("opencv-python-headless (pip install 'agecascade[faces]')", 24, 12, False),
 }
 AUTO_ORDER = ("mtcnn", "dlib", "haar")  # first installed wins; docs/detectors.md says why
 DETECTORS: tuple[str, ...] = ("auto", *AUTO_ORDER)
@@ -180,7 +180,8 @@ def resolve_detector(name: str) -> str:
     return name
 
 
-def _working_copy(image: Image.Image, spec: _Spec, min_face: int) -> tuple[Image.Image, float, float, int]:
+def _working_copy(image: Image.Image, spec: _Spec,
+                  min_face: int) -> tuple[Image.Image, float, float, int]:
     """The copy a detector runs on, its x and y scale from the image, and the smallest face
     side to look for in the copy's pixels."""
     smallest = max(float(min_face), max(image.size) / spec.fraction)
@@ -191,8 +192,10 @@ def _working_copy(image: Image.Image, spec: _Spec, min_face: int) -> tuple[Image
         copy = image
     else:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        copy = image.resize(size, Image.BILINEAR, reducing_gap=2.0)  # 2x faster on phone photos
-    return copy, copy.width / image.width, copy.height / image.height, max(spec.native_min, round(smallest * scale))
+        # reducing_gap: an integer box-filter pass first, which makes shrinking big photos cheap
+        copy = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    min_side = max(spec.native_min, round(smallest * scale))
+    return copy, copy.width / image.width, copy.height / image.height, min_side
 
 
 def _run_dlib(copy: Image.Image, min_side: int) -> list[tuple[Box, float, tuple | None]]:
@@ -212,7 +215,8 @@ def _run_mtcnn(copy: Image.Image, min_side: int) -> list[tuple[Box, float, tuple
     boxes, probs, points = mtcnn.detect(copy.convert("RGB"), landmarks=True)
     if boxes is None:
         return []
-    return [(tuple(box), prob, tuple(map(tuple, marks))) for box, prob, marks in zip(boxes, probs, points)]
+    return [(tuple(box), prob, tuple(map(tuple, marks)))
+            for box, prob, marks in zip(boxes, probs, points)]
 
 
 _RUNNERS = {"dlib": _run_dlib, "haar": _run_haar, "mtcnn": _run_mtcnn}
