@@ -161,6 +161,7 @@ def test_target_protocols_report_and_registry(repro_once):
     """The rest of figure 8: LOPO in every mode, Adience, features, CAM, report, registry."""
     import mlflow
     import numpy as np
+    import pandas as pd
 
     clone, log = repro_once
     for name in BACKBONES:
@@ -191,6 +192,13 @@ def test_target_protocols_report_and_registry(repro_once):
     crops = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
     ages = model.unwrap_python_model().predict_crops(crops)
     assert ages.shape == (4,) and np.all((ages >= 0) & (ages <= 101))
+    photo = next((clone / "data" / "fgnet").rglob("*.[jJ][pP][gG]"))
+    rows = model.predict(pd.DataFrame({"image": [photo.read_bytes()]}), params={"detector": "none"})
+    assert rows["error"][0] is None and 0 <= rows["age"][0] <= 101
+    onnx = mlflow.MlflowClient().get_model_version_by_alias("age-estimator-onnx", "champion")
+    assert int(onnx.version) == registry["onnx"]["version"]
+    mlmodels = list(clone.glob("mlruns/*/models/*/artifacts/MLmodel"))
+    assert mlmodels and not [m for m in mlmodels if "pickle" in m.read_text()]
 
 
 def test_kill_9_under_dvc_resumes_and_ends_like_the_uninterrupted_run(repro_once):
