@@ -1,0 +1,97 @@
+"""benchmarks/zero_shot.py scores hand-made rows as worked out by hand: the largest box is the
+face, a miss is counted (never dropped), the baseline is the other subjects' median age."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+zero_shot = _load("zero_shot")
+
+# Subjects 001 (ages 5, 10), 002 (20), 003 (40). Baseline guesses: 001 -> median(20, 40) = 30,
+# 002 -> median(5, 10, 40) = 10, 003 -> median(5, 10, 20) = 10.
+ROWS = [
+    {"file": "x/001A05.JPG", "face": 0, "box": [0, 0, 50, 50], "age": 7.0, "age_low": 3.0,
+     "age_high": 10.0, "error": None},
+    # two faces: the small one (age 50) must lose to the large one (age 8, interval misses 10)
+    {"file": "x/001A10.JPG", "face": 0, "box": [0, 0, 10, 10], "age": 50.0, "age_low": 40.0,
+     "age_high": 60.0, "error": None},
+    {"file": "x/001A10.JPG", "face": 1, "box": [0, 0, 100, 100], "age": 8.0, "age_low": 11.0,
+     "age_high": 14.0, "error": None},
+    {"file": "x/002A20.JPG", "face": None, "box": None, "age": None, "error": "no_face_found"},
+    {"file": "x/003A40.JPG", "face": 0, "box": [5, 5, 80, 90], "age": 46.0, "age_low": 30.0,
+     "age_high": 50.0, "error": None},
+]
+
+
+@pytest.fixture
+def scored(tmp_path: Path) -> tuple[Path, Path, dict]:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("001A05.JPG", "001A10.JPG", "002A20.JPG", "003A40.JPG", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    truth = zero_shot.read_truth(folder)
+    result = zero_shot.score(truth, zero_shot.read_rows(rows), zero_shot.loso_median(truth))
+    return folder, rows, result
+
+
+def test_baseline_is_the_median_of_the_other_subjects():
+    truth = {"001A05.JPG": zero_shot.Truth("001", 5), "001A10.JPG": zero_shot.Truth("001", 10),
+             "002A20.JPG": zero_shot.Truth("002", 20), "003A40.JPG": zero_shot.Truth("003", 40)}
+    assert zero_shot.loso_median(truth) == {"001A05.JPG": 30, "001A10.JPG": 30,
+                                            "002A20.JPG": 10, "003A40.JPG": 10}
+
+
+def test_scores_match_the_hand_computation(scored):
+    _, _, s = scored
+    assert (s["images"], s["detected"], s["missed"]) == (4, 3, 1)  # notes.txt is not an image
+    assert s["miss_reasons"] == {"no_face_found": 1} and s["detection_rate"] == 0.75
+    assert s["multi_face_images"] == 1
+    assert s["mae"] == pytest.approx(10 / 3, abs=1e-3)        # |+2|, |-2|, |+6|
+    assert s["signed"] == pytest.approx(2.0)
+    assert s["baseline_mae"] == pytest.approx(25.0)           # 25, 20, 30
+    assert s["mae_misses_as_median"] == pytest.approx(5.0)    # the miss scores |10 - 20|
+    assert s["baseline_mae_all"] == pytest.approx(21.25)
+    assert s["coverage"] == pytest.approx(2 / 3, abs=1e-3) and s["coverage_images"] == 3
+    assert s["bands"]["0-12"] == {"images": 2, "detected": 2, "mae": 2.0, "signed": 0.0,
+                                  "baseline_mae": 22.5}
+    assert s["bands"]["20-39"]["detected"] == 0 and s["bands"]["20-39"]["mae"] is None
+    assert s["bands"]["40+"] == {"images": 1, "detected": 1, "mae": 6.0, "signed": 6.0,
+                                 "baseline_mae": 30.0}
+
+
+def test_rows_without_an_interval_have_no_coverage(scored, tmp_path: Path):
+    folder, _, _ = scored
+    peer = tmp_path / "peer.jsonl"
+    peer.write_text("".join(json.dumps({k: r[k] for k in ("file", "face", "box", "age")}) + "\n"
+                            for r in ROWS))
+    truth = zero_shot.read_truth(folder)
+    s = zero_shot.score(truth, zero_shot.read_rows(peer), zero_shot.loso_median(truth))
+    assert s["coverage"] is None and s["mae"] == pytest.approx(10 / 3, abs=1e-3)
+
+
+def test_command_prints_one_json_object_and_readable_text(scored, capsys):
+    folder, rows, s = scored
+    assert zero_shot.main([str(folder), "--rows", str(rows), "--peer-rows", str(rows),
+                           "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"ours": s, "peer": s}
+    zero_shot.main([str(folder), "--rows", str(rows)])
+    text = capsys.readouterr().out
+    assert "1 missed (no_face_found 1)" in text and "largest box" in text
