@@ -185,3 +185,13 @@ def test_the_predictor_batches_any_number_of_crops(checkpoint):
     assert probs.shape == (10, len(AGES)) and estimates["age"].shape == (10,)
     one = Predictor(TorchEngine(checkpoint, "cpu"), batch=64).estimate(crops)[0]["age"]
     np.testing.assert_allclose(estimates["age"], one, atol=1e-4)
+
+
+def test_auto_uses_the_detector_that_framed_the_training_crops(tmp_path, capsys):
+    """Detectors differ in how much of a face their box takes: a model trained on Haar-framed
+    crops is served Haar boxes under --detector auto, whatever auto would pick otherwise."""
+    pytest.importorskip("cv2")
+    model = write_checkpoint(tmp_path / "haar.pt", seed=0, crop={**RECIPE, "box_source": "haar"})
+    photo = write_image(tmp_path / "a.png", fmt="PNG")
+    assert predict(photo, "--model", model, "--workers", "1", "--out", tmp_path / "r.jsonl") == 0
+    assert "detector haar)" in capsys.readouterr().err

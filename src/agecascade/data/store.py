@@ -58,14 +58,16 @@ def load_prepared(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def crop_recipe(folder: Path) -> CropRecipe:
-    """How ``prepare`` cut this folder's crops, from its report.json; the defaults, with a
-    warning, for a store without one (made by hand or by an older version)."""
+    """How ``prepare`` cut this folder's crops, from its report.json and manifest; the defaults,
+    with a warning, for a store without a report (made by hand or by an older version)."""
+    sources = pd.read_parquet(folder / MANIFEST, columns=["box_source"])["box_source"]
+    box_source = str(sources.mode().iloc[0]) if sources.notna().any() else ""
     try:
         crops = json.loads((folder / REPORT).read_text())["crops"]
         return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
-                          size=int(crops["shape"][1]))
+                          size=int(crops["shape"][1]), box_source=box_source)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         size = int(np.load(folder / CROPS, mmap_mode="r").shape[1])
         warnings.warn(f"{folder}: no crop recipe in {REPORT} ({type(err).__name__}: {err}); the "
                       f"model records the defaults at size {size}", stacklevel=2)
-        return CropRecipe(size=size)
+        return CropRecipe(size=size, box_source=box_source)

@@ -17,8 +17,9 @@ from PIL import Image
 from agecascade.data.cropper import read_bytes
 from agecascade.data.crops import crop_face, whole_image_box
 from agecascade.data.recipe import CropRecipe
-from agecascade.data.detect import Detection, detect_faces
+from agecascade.data.detect import AUTO_ORDER, Detection, detect_faces, resolve_detector
 from agecascade.data.imaging import BadImage, decode
+from agecascade.errors import UserError
 
 NO_DETECTOR = "none"
 
@@ -45,10 +46,21 @@ class ImageFaces:
     time: float | None = None            # seconds into a video; None for a photo
 
 
+def detector_for(requested: str, recipe: CropRecipe) -> str:
+    """``auto`` means the detector that framed the training crops when it is installed (its
+    boxes frame faces as the training boxes did), else ``detect_faces``'s own choice."""
+    if requested == "auto" and recipe.box_source in AUTO_ORDER:
+        try:
+            return resolve_detector(recipe.box_source)
+        except UserError:
+            return requested
+    return requested
+
+
 def find_faces(image: Image.Image, settings: FaceSettings) -> list[Detection]:
     if settings.detector == NO_DETECTOR:
         return [Detection(whole_image_box(image), 1.0, NO_DETECTOR)]
-    return detect_faces(image, settings.detector, settings.min_face)
+    return detect_faces(image, detector_for(settings.detector, settings.recipe), settings.min_face)
 
 
 def cut(image: Image.Image, faces: list[Detection], recipe: CropRecipe) -> np.ndarray:

@@ -25,9 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from agecascade.config import device_option, option
-from agecascade.data.detect import DETECTORS
+from agecascade.data.detect import DETECTORS, resolve_detector
 from agecascade.errors import UserError
-from agecascade.inference.faces import NO_DETECTOR, FaceSettings, ImageFaces, rows
+from agecascade.inference.faces import NO_DETECTOR, FaceSettings, ImageFaces, detector_for, rows
 from agecascade.inference.predictor import Predictor
 from agecascade.inference.sources import analyse_safely, expand, is_video, worker_init
 
@@ -71,6 +71,7 @@ class PredictConfig:
 
 @dataclass
 class Summary:
+    detector: str = ""       # the detector that ran ("auto" resolved)
     files: int = 0
     images: int = 0          # photos plus sampled video frames
     faces: int = 0
@@ -141,10 +142,12 @@ def run(config: PredictConfig, predictor: Predictor,
     """Predict every input; rows to ``config.out`` (or ``stream``, stdout by default).
     ``on_image`` sees each image with its rows (the annotator uses it)."""
     files = expand(config.inputs)
-    settings = FaceSettings(predictor.recipe, config.detector, config.min_face, config.max_pixels,
+    detector = (NO_DETECTOR if config.detector == NO_DETECTOR  # fails here, not in each worker
+                else resolve_detector(detector_for(config.detector, predictor.recipe)))
+    settings = FaceSettings(predictor.recipe, detector, config.min_face, config.max_pixels,
                             int(config.max_file_mb * 2**20))
     workers = config.workers or os.cpu_count() or 1
-    summary = Summary(files=len(files))
+    summary = Summary(detector=detector, files=len(files))
     started = time.perf_counter()
     out = stream or sys.stdout
     handle = None
