@@ -214,8 +214,10 @@ def test_logged_onnx_model_loads_back_without_pickle(exported, tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)  # artifacts land in ./mlruns
     previous_uri = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri sets it too: undone after
     try:
-        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        mlflow.set_tracking_uri(uri)
         with mlflow.start_run():
             info = agecascade_onnx.log_onnx_model(exported.checkpoint)
         loaded = mlflow.onnx.load_model(info.model_uri)

@@ -28,7 +28,11 @@ def project_files() -> list[str]:
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    """``cmd`` in ``cwd`` as a user's fresh shell runs it: with the venv on PATH, and without the
+    MLFLOW_TRACKING_URI that MLflow's set_tracking_uri leaves in this process's environment (the
+    pipeline must log to the clone's own store)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
