@@ -166,6 +166,10 @@ def test_each_face_is_framed_by_the_recipe():
     np.testing.assert_array_equal(crop, pixels[30:70, 30:70])
     whole = analyse_image(image, FaceSettings(CropRecipe(margin=0.5, size=100), detector="none"))
     np.testing.assert_array_equal(whole.crops[0], pixels)
+    # a model trained on whole chips: the chip's measured size and offset around the face box
+    chip = CropRecipe(box_policy="image", size=40, window=2.0, offset=(0.0, -0.1))
+    (crop,) = cut(image, [box], chip)  # side 2 x 20, centre (50, 48)
+    np.testing.assert_array_equal(crop, pixels[28:68, 30:70])
 
 
 def test_the_interval_holds_the_distribution_and_the_minor_mass_is_below_18():

@@ -311,3 +311,25 @@ def test_config_names_every_bad_setting_at_once():
     assert "dataset 'celeba'" in text and "--size 4" in text and "--box 'face'" in text
     assert "--margin" not in text and "\n" not in text
 
+
+
+def test_whole_chip_crops_record_how_they_frame_the_face(tmp_path):
+    """`--box image` keeps the whole chip, and measures where the detector finds the face in it,
+    so that `predict` can frame a detected face in a photo as the chips frame theirs."""
+    pytest.importorskip("dlib")
+    from conftest import shared_dataset
+
+    from agecascade.data.store import crop_recipe
+
+    chips = sorted(shared_dataset("utkface-dev").rglob("*.chip.jpg"))[:12]
+    (tmp_path / "utk").mkdir()
+    for chip in chips:
+        (tmp_path / "utk" / chip.name).symlink_to(chip)
+    assert main(["prepare", "utkface", "--root", str(tmp_path / "utk"), "--out",
+                 str(tmp_path / "out"), "--size", "64", "--box", "image", "--workers", "1"]) == 0
+    framing = json.loads((tmp_path / "out" / "report.json").read_text())["crops"]["framing"]
+    assert framing["detector"] == "dlib" and framing["measured"] >= 10
+    assert 1.0 < framing["window"] < 1.4  # UTKFace chips: the face fills most of the chip
+    recipe = crop_recipe(tmp_path / "out")
+    assert (recipe.box_policy, recipe.box_source, recipe.window) == ("image", "dlib",
+                                                                     framing["window"])

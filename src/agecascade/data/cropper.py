@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .crops import crop_face, whole_image_box
+from .crops import crop_face, margin_box, whole_image_box
 from .detect import available_detectors, detect_face
 from .imaging import BadImage, decode, orient_box
 
@@ -53,6 +53,9 @@ class CropResult:
     width: int = 0
     height: int = 0
     sha1: str = ""
+    # whole-image crops only: where the detector finds the face in the crop window, as
+    # (window side / box side, x offset, y offset, detector); None when it finds none
+    framing: tuple[float, float, float, str] | None = None
 
 
 def _usable(box: tuple[float, float, float, float], width: int, height: int) -> bool:
@@ -118,11 +121,29 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
             notes.append(("no_face_found", "whole image used"))
         else:
             notes.append(("no_detector", "install the 'faces' extra; whole image used"))
+    framing = None
     if box is None:  # the whole picture is the crop: no margin beyond its edges
         box, source, margin = whole_image_box(image), "image", 0.0
+        if settings.box_policy == "image":
+            framing = face_framing(image)
 
     return CropResult(
         crop=crop_face(image, box, margin, settings.size), notes=notes,
         box=tuple(float(v) for v in box), box_source=source,
         width=image.width, height=image.height, sha1=hashlib.sha1(data).hexdigest(),
+        framing=framing,
     )
+
+
+def face_framing(image) -> tuple[float, float, float, str] | None:
+    """How a whole-image crop frames its face: the crop window's side over the detector box's
+    side, and the window centre's offset from the box centre in box sides. ``predict`` frames a
+    detected face the same way, so a model trained on whole chips sees chip-like crops."""
+    found = detect_face(image)
+    if found is None:
+        return None
+    (x0, y0, x1, y1), detector = found
+    left, top, right, _ = margin_box(whole_image_box(image), 0.0)
+    side, face = right - left, max(x1 - x0, y1 - y0)
+    return (side / face, (left + side / 2 - (x0 + x1) / 2) / face,
+            (top + side / 2 - (y0 + y1) / 2) / face, detector)

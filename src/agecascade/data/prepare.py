@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -150,13 +151,14 @@ def _next(pending: deque[tuple[list[CropJob], Future]]) -> list[CropResult]:
 
 
 def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport,
-               config: PrepareConfig) -> pd.DataFrame:
+               config: PrepareConfig) -> tuple[pd.DataFrame, dict | None]:
     """Fill the crop store at ``path`` with the kept faces, in manifest order; the manifest of
-    the kept rows, with the box each crop used. Drops and warnings go into ``report``."""
+    the kept rows, with the box each crop used, and the framing of whole-image crops
+    (:func:`framing_summary`). Drops and warnings go into ``report``."""
     settings = config.crop_settings
     jobs = _jobs(manifest, config.root)
     store = create_store(path, len(jobs), settings.size)
-    kept, filled, first_seen = [], [], {}
+    kept, filled, first_seen, framings = [], [], {}, []
     paths = manifest["path"].tolist()
     progress = tqdm(_results(jobs, settings, config.workers), total=len(jobs), unit="img",
                     desc=f"prepare {config.dataset}", disable=None, mininterval=1.0)
@@ -171,6 +173,8 @@ def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport,
             report.warn(rel, "duplicate_content", f"same bytes as {first_seen[result.sha1]}")
         first_seen.setdefault(result.sha1, rel)
         store[len(kept)] = result.crop
+        if result.framing is not None:
+            framings.append(result.framing)
         kept.append(index)
         filled.append((*result.box, result.box_source, result.width, result.height, result.sha1))
     store.flush()
@@ -183,7 +187,19 @@ def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport,
     final[columns] = pd.DataFrame(filled, columns=columns).astype(final[columns].dtypes.to_dict())
     report.kept = len(final)
     report.check_balance()
-    return final
+    return final, framing_summary(framings)
+
+
+def framing_summary(framings: list[tuple[float, float, float, str]]) -> dict | None:
+    """The median framing of whole-image crops (see ``cropper.face_framing``), measured with
+    the commonest detector only: detectors differ in how much of a face their box takes."""
+    if not framings:
+        return None
+    detector = pd.Series([f[3] for f in framings]).mode().iloc[0]
+    values = np.array([f[:3] for f in framings if f[3] == detector])
+    window, offset_x, offset_y = np.median(values, axis=0)
+    return {"window": float(window), "offset": [float(offset_x), float(offset_y)],
+            "detector": str(detector), "measured": int(len(values))}
 
 
 def run(config: PrepareConfig) -> DropReport:
@@ -194,7 +210,7 @@ def run(config: PrepareConfig) -> DropReport:
     except OSError as err:  # a file in the way, no permission: the user's to fix
         raise UserError(f"--out {config.out}: cannot create it ({err.strerror})") from err
     with replacing(config.out / CROPS) as crops:
-        final = _crop_into(crops, manifest, report, config)
+        final, framing = _crop_into(crops, manifest, report, config)
     with replacing(config.out / MANIFEST) as tmp:
         final.to_parquet(tmp, index=False)
     settings = config.crop_settings
@@ -202,7 +218,8 @@ def run(config: PrepareConfig) -> DropReport:
                     "dtype": "uint8", "margin": settings.margin, "box_policy": settings.box_policy,
                     "detectors": available_detectors(), "max_pixels": settings.max_pixels,
                     "max_file_bytes": settings.max_file_bytes,
-                    "box_sources": final["box_source"].value_counts().to_dict()}
+                    "box_sources": final["box_source"].value_counts().to_dict(),
+                    "framing": framing}
     report.write(config.out / REPORT)
     write_text_atomic(config.out / COUNTS, json.dumps(report.counts(), indent=2) + "\n")
     return report

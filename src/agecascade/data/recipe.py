@@ -23,3 +23,15 @@ class CropRecipe:
     box_policy: str = "auto"
     size: int = 224
     box_source: str = ""
+    # How the training crops framed the face, for crops that were not cut around a face box
+    # (``box_policy`` image): the crop side over the detector's box side, and the crop centre's
+    # offset from the box centre in box sides (x, y), as ``prepare`` measured them. 0: the crop
+    # is the margin window around the box.
+    window: float = 0.0
+    offset: tuple[float, float] = (0.0, 0.0)
+
+    def framing(self) -> tuple[float, float, float]:
+        """(crop side / face box side, x offset, y offset) of the training crops."""
+        if self.window > 0:
+            return self.window, *self.offset
+        return 1.0 + 2.0 * self.margin, 0.0, 0.0

@@ -64,6 +64,12 @@ def crop_recipe(folder: Path) -> CropRecipe:
     box_source = str(sources.mode().iloc[0]) if sources.notna().any() else ""
     try:
         crops = json.loads((folder / REPORT).read_text())["crops"]
+        framing = crops.get("framing")  # whole-image crops: measured against a detector's boxes
+        if framing:
+            return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
+                              size=int(crops["shape"][1]), box_source=str(framing["detector"]),
+                              window=float(framing["window"]),
+                              offset=tuple(float(v) for v in framing["offset"]))
         return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
                           size=int(crops["shape"][1]), box_source=box_source)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from agecascade.data.cropper import read_bytes
-from agecascade.data.crops import crop_face, whole_image_box
+from agecascade.data.crops import Box, crop_face, whole_image_box
 from agecascade.data.recipe import CropRecipe
 from agecascade.data.detect import AUTO_ORDER, Detection, detect_faces, resolve_detector
 from agecascade.data.imaging import BadImage, decode
@@ -63,13 +63,25 @@ def find_faces(image: Image.Image, settings: FaceSettings) -> list[Detection]:
     return detect_faces(image, detector_for(settings.detector, settings.recipe), settings.min_face)
 
 
+def framed(box: Box, recipe: CropRecipe) -> Box:
+    """The square window that frames a detected face as the training crops framed theirs: the
+    margin window around the box, or, for models trained on whole chips, the chip's measured
+    size and position relative to the detector's box."""
+    window, offset_x, offset_y = recipe.framing()
+    x0, y0, x1, y1 = box
+    face = max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2 + offset_x * face, (y0 + y1) / 2 + offset_y * face
+    half = window * face / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
 def cut(image: Image.Image, faces: list[Detection], recipe: CropRecipe) -> np.ndarray:
     """uint8 (F, size, size, 3): each face framed as the training crops were. A whole-image
-    "face" gets no margin, as ``prepare`` crops an image without a box."""
+    "face" (detector none) is the crop itself, as ``prepare`` crops an image without a box."""
     crops = np.zeros((len(faces), recipe.size, recipe.size, 3), np.uint8)
     for i, face in enumerate(faces):
-        margin = 0.0 if face.detector == NO_DETECTOR else recipe.margin
-        crops[i] = crop_face(image, face.box, margin, recipe.size)
+        box = face.box if face.detector == NO_DETECTOR else framed(face.box, recipe)
+        crops[i] = crop_face(image, box, 0.0, recipe.size)
     return crops
 
 
