@@ -236,7 +236,10 @@ class OnnxEngine:
                             "`agecascade export --format onnx`")
         self.ages = np.asarray(json.loads(props[f"{KEY}ages"]), dtype=np.float32)
         self.size = int(props[f"{KEY}input_size"])
-        self.recipe = CropRecipe(**json.loads(props[f"{KEY}crop"]))
+        crop = json.loads(props[f"{KEY}crop"])
+        if "offset" in crop:  # JSON has no tuples
+            crop["offset"] = tuple(crop["offset"])
+        self.recipe = CropRecipe(**crop)
         self.arch = props[f"{KEY}arch"]
         self.backbone = props[f"{KEY}backbone"]
 
