@@ -3,8 +3,9 @@
 The grid, its resumable Optuna study and its settings live in ``agecascade.train.tune``; this
 module turns the command line into a ``TuneConfig`` (the grid, and the `train` options every
 point runs with, less those a point sets), walks the grid and logs it to MLflow unless
---no-track: a parent run, and one nested run per trained point. The study sits in
-OUT/optuna.db, a `persist: true` out, so `dvc repro` keeps it and an interrupted grid resumes.
+--no-track: a parent run, and one nested run per point this process trained. The study sits in
+OUT/optuna.db, a `persist: true` out, so `dvc repro` keeps it and an interrupted grid resumes;
+or in the storage --storage names, which several `tune` workers share to split the grid.
 """
 from __future__ import annotations
 

@@ -199,3 +199,17 @@ def test_auto_uses_the_detector_that_framed_the_training_crops(tmp_path, capsys)
     photo = write_image(tmp_path / "a.png", fmt="PNG")
     assert predict(photo, "--model", model, "--workers", "1", "--out", tmp_path / "r.jsonl") == 0
     assert "detector haar)" in capsys.readouterr().err
+
+
+def test_flip_averages_a_face_with_its_mirror_image(checkpoint):
+    """Flip TTA: the estimate of a crop is the mean distribution of the crop and its mirror, so
+    a crop and its mirror get the same age, and without flip they (generally) do not."""
+    engine = TorchEngine(checkpoint, "cpu")
+    crops = np.random.default_rng(3).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    mirrored = np.ascontiguousarray(crops[:, :, ::-1])
+    flipped = Predictor(engine, flip=True)
+    np.testing.assert_allclose(flipped.probs(crops), flipped.probs(mirrored), atol=1e-6)
+    plain = Predictor(engine, flip=False)
+    np.testing.assert_allclose(flipped.probs(crops),
+                               (plain.probs(crops) + plain.probs(mirrored)) / 2, atol=1e-6)
+    assert not np.allclose(plain.probs(crops), plain.probs(mirrored), atol=1e-4)

@@ -126,6 +126,7 @@ def test_dvc_yaml_train_commands_parse_into_the_params(dvc_commands, params, ste
             (wanted["epochs"], wanted["patience"], wanted["val_fraction"])
         assert (config.input_size, config.seed, config.workers, config.device) == \
             (shared["input_size"], shared["seed"], shared["workers"], shared["device"])
+        assert (config.degrade, config.label_sigma) == (shared["degrade"], shared["label_sigma"])
         if step == "finetune_imdb":
             assert (config.pretrained, config.weights) == (item["pretrained"], item["weights"])
             assert config.init is None and config.mode == "b"
@@ -212,6 +213,29 @@ def test_split_is_by_subject_and_stable(toy):
     assert 0.6 < share["train"] < 0.8 and 0.1 < share["val"] < 0.3 and 0.03 < share["test"] < 0.2
 
 
+def test_the_label_distribution_is_a_gaussian_around_the_age_over_the_label_space():
+    from agecascade.train.engine import age_distribution
+
+    target = age_distribution(torch.tensor([0, 5, 9]), 10, sigma=2.0)
+    np.testing.assert_allclose(target.sum(dim=1), 1.0, atol=1e-6)
+    assert target.argmax(dim=1).tolist() == [0, 5, 9]
+    np.testing.assert_allclose(target[1, 4], target[1, 6], atol=1e-7)  # symmetric inside
+    assert target[0, 0] > target[1, 5]   # cut at the edge of the space, then renormalised
+
+
+def test_balanced_sampling_draws_rare_ages_as_often_as_common_ones():
+    from agecascade.train.data import BatchOrder, balance_weights
+
+    labels = np.array([0] * 90 + [1] * 10)            # age 1 is rare
+    rows = np.arange(100)
+    order = BatchOrder(rows, 10, True, seed=0, weights=balance_weights(labels, 1.0))
+    drawn = labels[np.concatenate([batch for batch in order])]
+    assert len(drawn) == 100 and 0.35 < drawn.mean() < 0.65   # about half, not a tenth
+    plain = BatchOrder(rows, 10, True, seed=0)
+    assert sorted(np.concatenate(list(plain)).tolist()) == rows.tolist()  # a permutation
+    np.testing.assert_allclose(balance_weights(labels, 0.0), 1.0)
+
+
 def test_label_space_covers_the_data_range():
     import pandas as pd
 
@@ -220,9 +244,10 @@ def test_label_space_covers_the_data_range():
     assert space.encode(np.array([3.0, 7.0, 9.0])).tolist() == [0, 4, 4]
 
 
-def test_training_learns_and_writes_its_outputs(toy, tmp_path):
+@pytest.mark.parametrize("loss", [(), ("--label-sigma", "2")], ids=["one-hot", "label-sigma"])
+def test_training_learns_and_writes_its_outputs(toy, tmp_path, loss):
     out = tmp_path / "run"
-    assert main(train_args(toy, out, "--epochs", "3", "--test-fraction", "0.1")) == 0
+    assert main(train_args(toy, out, "--epochs", "3", "--test-fraction", "0.1", *loss)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_mae"] < 0.6 * metrics["val_mae_median_baseline"]
     assert "test_mae" in metrics and metrics["n_test"] > 0
@@ -471,9 +496,6 @@ def fake_trials(monkeypatch):
 
 
 def test_interrupted_grid_resumes_and_failed_points_are_retried(toy, tmp_path, fake_trials):
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-
     calls, plan = fake_trials
     out = tmp_path / "tune"
     plan[(0.01, 16)] = RuntimeError("out of memory")   # the grid is walked by lr, then batch
@@ -481,25 +503,19 @@ def test_interrupted_grid_resumes_and_failed_points_are_retried(toy, tmp_path, f
         main(tune_args(toy, out))
     assert calls == [(0.001, 16), (0.001, 32), (0.01, 16)]
     calls.clear()
-    plan[(0.01, 16)] = Killed()
+    plan[(0.01, 16)] = Killed()  # kill -9 while training it: its trial is left RUNNING
     with pytest.raises(Killed):
         main(tune_args(toy, out))
-    assert calls == [(0.01, 16)]  # the failed point first; the finished ones not again
+    # the point still queued, then the failed one again; the finished ones not again
+    assert calls == [(0.01, 32), (0.01, 16)]
     assert study_trials(out) == {(0.001, 16): ["COMPLETE"], (0.001, 32): ["COMPLETE"],
-                                 (0.01, 16): ["FAIL"]}
-    storage = f"sqlite:///{out / 'optuna.db'}"
-    (name,) = optuna.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
-    study.enqueue_trial({"lr": 0.01, "batch": 32})  # and a trial that a kill left RUNNING
-    study.ask({"lr": CategoricalDistribution([0.001, 0.01]),
-               "batch": CategoricalDistribution([16, 32])})
+                                 (0.01, 16): ["FAIL", "RUNNING"], (0.01, 32): ["COMPLETE"]}
     calls.clear()
     assert main(tune_args(toy, out)) == 0
-    assert calls == [(0.01, 16), (0.01, 32)]  # finished points are not trained again
+    assert calls == [(0.01, 16)]  # its worker (this process) is gone: trained again at once
     assert json.loads((out / "best.json").read_text()) == {"lr": 0.001, "batch": 16,
                                                             "val_loss": 0.1 + 0.016}
-    trials = study_trials(out)
-    assert trials[(0.01, 16)] == ["FAIL", "COMPLETE"] and trials[(0.01, 32)] == ["RUNNING", "COMPLETE"]
+    assert study_trials(out)[(0.01, 16)] == ["FAIL", "FAIL", "COMPLETE"]
 
 
 def test_a_changed_grid_does_not_reuse_trials(toy, tmp_path, fake_trials):

@@ -45,12 +45,35 @@ def experiment_id(name: str) -> str:
     import mlflow
 
     uri = tracking_uri()
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    created = mlflow.create_experiment(name)
-    _relative_artifact_location(uri, created)
-    return created
+    with _first_use_lock(uri):
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        created = mlflow.create_experiment(name)
+        _relative_artifact_location(uri, created)
+        return created
+
+
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise the first touch of a local SQLite store between processes. Two processes that
+    open a new store at once both run MLflow's schema migrations, and one fails (``table
+    _alembic_tmp_tags already exists``); two that create one experiment at once make it twice.
+    Parallel `tune` workers and `dvc queue start -j N` do both. A lock file beside the database
+    (``mlflow.db.lock``) holds each process here for the few milliseconds it takes."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _relative_artifact_location(uri: str, experiment: str) -> None:

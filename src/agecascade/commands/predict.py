@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         engine = load_engine(config.model, config.device)
     annotator = Annotator(config.annotate, config.max_pixels) if config.annotate else None
-    summary = run(config, Predictor(engine, config.batch), annotator)
+    summary = run(config, Predictor(engine, config.batch, config.flip), annotator)
     where = f"; rows in {config.out}" if config.out else ""
     drawn = f"; {annotator.written} annotated images in {config.annotate}" if annotator else ""
     print(f"predict ({engine.name}, detector {summary.detector}): {summary.line()}{where}{drawn}",

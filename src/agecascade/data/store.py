@@ -57,11 +57,10 @@ def load_prepared(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
     return manifest, crops
 
 
-def crop_recipe(folder: Path) -> CropRecipe:
-    """How ``prepare`` cut this folder's crops, from its report.json and manifest; the defaults,
-    with a warning, for a store without a report (made by hand or by an older version)."""
-    sources = pd.read_parquet(folder / MANIFEST, columns=["box_source"])["box_source"]
-    box_source = str(sources.mode().iloc[0]) if sources.notna().any() else ""
+def crop_recipe(folder: Path, zoom: float = 1.0) -> CropRecipe:
+    """How ``prepare`` cut this folder's crops, from its report.json (and, for face-box crops,
+    the manifest's box sources); the defaults, with a warning, for a store without a report
+    (made by hand or by an older version). ``zoom``: the training augmentation's mean zoom."""
     try:
         crops = json.loads((folder / REPORT).read_text())["crops"]
         framing = crops.get("framing")  # whole-image crops: measured against a detector's boxes
@@ -69,11 +68,17 @@ def crop_recipe(folder: Path) -> CropRecipe:
             return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
                               size=int(crops["shape"][1]), box_source=str(framing["detector"]),
                               window=float(framing["window"]),
-                              offset=tuple(float(v) for v in framing["offset"]))
+                              offset=tuple(float(v) for v in framing["offset"]), zoom=zoom)
         return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
-                          size=int(crops["shape"][1]), box_source=box_source)
+                          size=int(crops["shape"][1]), box_source=_box_source(folder), zoom=zoom)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
         size = int(np.load(folder / CROPS, mmap_mode="r").shape[1])
         warnings.warn(f"{folder}: no crop recipe in {REPORT} ({type(err).__name__}: {err}); the "
                       f"model records the defaults at size {size}", stacklevel=2)
-        return CropRecipe(size=size, box_source=box_source)
+        return CropRecipe(size=size, box_source=_box_source(folder), zoom=zoom)
+
+
+def _box_source(folder: Path) -> str:
+    """Where most of the store's face boxes came from ("" when none is recorded)."""
+    sources = pd.read_parquet(folder / MANIFEST, columns=["box_source"])["box_source"]
+    return str(sources.mode().iloc[0]) if sources.notna().any() else ""

@@ -60,8 +60,8 @@ from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
 from agecascade.train.cascade import model_from_init, read_init
 from agecascade.train.data import assign_split, make_loader, to_input
-from agecascade.train.engine import (TrainConfig, adam, autocast, clear_resume_point, fit,
-                                     pick_device, predict)
+from agecascade.train.engine import (TrainConfig, adam, autocast, channels_last,
+                                     clear_resume_point, fit, memory_format, pick_device, predict)
 
 # groups -> (manifest column, class names in age order)
 GROUPINGS: dict[int, tuple[str, list[str]]] = {8: ("age_group", GROUPS), 3: ("age_group3", GROUPS3)}
@@ -215,8 +215,7 @@ def train_full(config: AdienceConfig, p: Protocol, labels: np.ndarray, groups: i
     on the whole network (mode a: the head). Returns (history, kept epoch, its validation group
     MAE, test class probabilities)."""
     model, spec = start_model(config, p, groups)
-    cuda = p.device.type == "cuda"
-    model = model.to(p.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    model = model.to(p.device, memory_format=memory_format(p.device))
     train = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch,
                         patience=config.patience, input_size=p.input_size, seed=config.seed,
                         input_spec=spec)
@@ -224,7 +223,7 @@ def train_full(config: AdienceConfig, p: Protocol, labels: np.ndarray, groups: i
 
     def loader(part: str, batch: int, shuffle: bool):
         return make_loader(p.crops, labels, rows[part], batch, shuffle, config.seed,
-                           config.workers, cuda)
+                           config.workers, p.device.type == "cuda")
 
     steps = torch.arange(groups, dtype=torch.float32, device=p.device)  # "ages" = group indices
     meta = {"arch": model.arch, "backbone": p.init["meta"].get("backbone", model.arch),
@@ -258,11 +257,11 @@ class Tail:
 def make_tail(config: AdienceConfig, p: Protocol, groups: int) -> Tail:
     model, spec = start_model(config, p, groups)
     model = model.to(p.device)
-    channels_last = p.device.type == "cuda"
+    nhwc = channels_last(p.device)
 
     def inputs(start: int, stop: int) -> torch.Tensor:
         images = torch.from_numpy(np.array(p.crops[start:stop])).to(p.device)  # a copy: read-only store
-        return to_input(images, p.input_size, channels_last, spec)
+        return to_input(images, p.input_size, nhwc, spec)
 
     if config.mode == "a":
         frozen, net = model.features.eval(), model.head

@@ -48,7 +48,7 @@ from agecascade.nets.weights import InputSpec
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
 from agecascade.train.data import (IMAGENET, Augment, LabelSpace, augment_batch, label_space_for,
                                    normalise, to_unit)
-from agecascade.train.engine import adam, autocast, pick_device
+from agecascade.train.engine import adam, autocast, channels_last, memory_format, pick_device
 
 FOLDS_DIR = "folds"
 AUGMENT = Augment()  # modes b and c without train_blocks: the thesis's augmentation
@@ -153,7 +153,7 @@ def settings_key(config: LopoConfig, init: Mapping | None, device: torch.device)
 
 
 def _batch(data: FoldData, rows: torch.Tensor, spec: InputSpec, channels_last: bool) -> torch.Tensor:
-    return normalise(to_unit(data.images[rows], data.images.shape[1]), spec, channels_last)
+    return normalise(to_unit(data.images[rows], data.images.shape[1]), spec, nhwc)
 
 
 @torch.no_grad()
@@ -214,7 +214,7 @@ def _cached_views(fn: Callable[[torch.Tensor], torch.Tensor], data: FoldData, sp
     views = [], []
     for start in range(0, len(data.labels), 128):
         idx = torch.arange(start, min(start + 128, len(data.labels)), device=device)
-        x = _batch(data, idx, spec, device.type == "cuda")
+        x = _batch(data, idx, spec, channels_last(device))
         with autocast(device):
             views[0].append(fn(x).float())
             views[1].append(fn(x.flip(-1)).float())
@@ -286,8 +286,7 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
     folds_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stamp, key)
 
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda"
-                     else torch.contiguous_format)
+    model = model.to(device, memory_format=memory_format(device))
     data = FoldData.load(manifest, crops, space, config.input_size, device)
     paths = manifest["path"].astype(str).to_numpy()
     subjects = sorted(set(data.subjects))
@@ -318,10 +317,10 @@ def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
     """Modes b and c: each fold fine-tunes from ``start``: the whole network on augmented
     images, or (``config.train_blocks``) only the trunk's last blocks and the head, on the
     frozen stem's outputs of each image and its mirror image, computed once for all folds."""
-    channels_last = device.type == "cuda"
+    nhwc = channels_last(device)
     model.load_state_dict(start)
     if config.train_blocks:
-        probe = _batch(data, torch.arange(min(8, len(paths)), device=device), spec, channels_last)
+        probe = _batch(data, torch.arange(min(8, len(paths)), device=device), spec, nhwc)
         stem, net = split_trunk(model, config.train_blocks, probe)
         views = _cached_views(stem, data, spec, device)                  # (2, N, C, h, w)
         net_start = {k: start[k] for k in net.state_dict()}
@@ -336,10 +335,10 @@ def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
         net, net_start = model, start
 
         def inputs(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            return augment_batch(_batch(data, idx, spec, channels_last), AUGMENT, gen)
+            return augment_batch(_batch(data, idx, spec, nhwc), AUGMENT, gen)
 
         def both_views(idx: torch.Tensor) -> torch.Tensor:
-            x = _batch(data, idx, spec, channels_last)
+            x = _batch(data, idx, spec, nhwc)
             return torch.cat([x, x.flip(-1)])
 
     for subject in todo:
@@ -438,6 +437,8 @@ def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None 
     predictions, final = run_lopo(model, start, spec, space, manifest, crops, config, device,
                                   settings_key(config, init, device), on_fold)
 
+    # only the whole-network modes zoom (AUGMENT); cached views (mode a, train_blocks) do not
+    zoom = AUGMENT.mean_zoom if config.mode != "a" and not config.train_blocks else 1.0
     out = config.out
     summary = summarise(predictions) | {"mode": config.mode, "backbone": meta["backbone"],
                                         "model": str(out / "model.pt")}
@@ -450,7 +451,7 @@ def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None 
     meta |= {"ages": list(space.values), "mode": config.mode,
              "dataset": str(manifest["dataset"].iloc[0]), "input_size": config.input_size,
              "init": str(config.model or f"{config.backbone}:{config.pretrained}"),
-             "lopo": config.settings(), "crop": asdict(crop_recipe(config.manifest))}
+             "lopo": config.settings(), "crop": asdict(crop_recipe(config.manifest, zoom))}
     torch_save_atomic({"model": {k: v.cpu() for k, v in final.state_dict().items()},
                        "meta": meta, "epoch": config.epochs - 1, "metrics": summary},
                       out / "model.pt")

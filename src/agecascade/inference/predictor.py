@@ -109,10 +109,12 @@ def summarise(probs: np.ndarray, ages: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class Predictor:
-    """An engine, batched: any number of crops at the recipe's size in, one estimate each out."""
+    """An engine, batched: any number of crops at the recipe's size in, one estimate each out.
+    With ``flip`` each crop's distribution is the mean of the crop's and its mirror image's
+    (training flips faces at random, so both views are in-distribution)."""
 
-    def __init__(self, engine: Engine, batch: int = 64):
-        self.engine, self.batch = engine, batch
+    def __init__(self, engine: Engine, batch: int = 64, flip: bool = True):
+        self.engine, self.batch, self.flip = engine, batch, flip
 
     @property
     def recipe(self) -> CropRecipe:
@@ -125,7 +127,10 @@ class Predictor:
             chunk = crops[start:start + self.batch]
             if not self.engine.resizes:
                 chunk = fit_size(chunk, self.engine.size)
-            out[start:start + len(chunk)] = self.engine.probs(chunk)
+            probs = self.engine.probs(chunk)
+            if self.flip:
+                probs = (probs + self.engine.probs(np.ascontiguousarray(chunk[:, :, ::-1]))) / 2
+            out[start:start + len(chunk)] = probs
         return out
 
     def estimate(self, crops: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -49,6 +49,7 @@ class PredictConfig:
                            help="face detector; none: each image is one face crop")
     min_face: int = option(0, help="ignore faces whose box side is under this many pixels")
     batch: int = option(64, help="face crops per forward pass")
+    flip: bool = option(True, help="average each face's prediction with its mirror image's")
     device: str = device_option()
     video_fps: float = option(1.0, help="frames sampled per second of video")
     probs: bool = option(False, help="add the whole age distribution to each JSON row")

@@ -97,12 +97,14 @@ class CropBatches(Dataset):
 
 
 class BatchOrder(Sampler[list[int]]):
-    """Row batches, reshuffled per epoch from (seed, epoch): a resumed run sees the same order."""
+    """Row batches, reshuffled per epoch from (seed, epoch): a resumed run sees the same order.
+    With ``weights`` an epoch is as many rows drawn with replacement in proportion to them."""
 
     def __init__(self, rows: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, weights: np.ndarray | None = None):
         self.rows, self.batch_size, self.shuffle = rows, batch_size, shuffle
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -111,7 +113,9 @@ class BatchOrder(Sampler[list[int]]):
         rows = self.rows
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            rows = rows[torch.randperm(len(rows), generator=gen).numpy()]
+            order = torch.randperm(len(rows), generator=gen) if self.weights is None else \
+                torch.multinomial(self.weights, len(rows), replacement=True, generator=gen)
+            rows = rows[order.numpy()]
         stop = len(rows) - (len(rows) % self.batch_size if self.drop_last else 0)
         for start in range(0, stop, self.batch_size):
             yield rows[start:start + self.batch_size].tolist()
@@ -121,9 +125,20 @@ class BatchOrder(Sampler[list[int]]):
         return full if self.drop_last or not rest else full + 1
 
 
+def balance_weights(labels: np.ndarray, power: float) -> np.ndarray:
+    """Per-row sampling weights count(label) ** -power: 0 samples every image alike (the
+    thesis), 1 every age alike. Between them, rare ages (children, teens and the old, in the
+    web-photo datasets) are seen more often without repeating a few images too much."""
+    counts = np.bincount(labels)
+    return counts[labels].astype(np.float64) ** -power
+
+
 def make_loader(crops: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
-                shuffle: bool, seed: int, workers: int, pin_memory: bool) -> DataLoader:
-    order = BatchOrder(rows, batch_size, shuffle, seed, drop_last=shuffle and len(rows) > batch_size)
+                shuffle: bool, seed: int, workers: int, pin_memory: bool,
+                weights: np.ndarray | None = None) -> DataLoader:
+    """``weights`` (one per row of ``rows``): sample a shuffled epoch in proportion to them."""
+    order = BatchOrder(rows, batch_size, shuffle, seed, drop_last=shuffle and len(rows) > batch_size,
+                       weights=weights)
     return DataLoader(CropBatches(crops, labels), sampler=order, batch_size=None,
                       num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
@@ -138,6 +153,11 @@ class Augment:
     shift: float = 0.05        # fraction of the image side
     min_crop: float = 0.85     # zoom in on a random crop covering at least this side fraction
     flip: bool = True
+
+    @property
+    def mean_zoom(self) -> float:
+        """The side fraction of the stored crop the network sees on average."""
+        return (self.min_crop + 1.0) / 2.0
 
 
 def to_unit(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int
     augment: Augment = field(default_factory=Augment)
     degrade: Degrade = field(default_factory=Degrade)  # old-photo looks; off in the thesis
+    label_sigma: float = 0.0     # > 0: train on a Gaussian of this many years around the age
     input_spec: InputSpec = IMAGENET  # pixel convention of the pretrained weights
     max_train_batches: int = 0   # 0 = whole epoch; the grid may cap trial cost with it
 
@@ -64,6 +65,16 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name}: {err}") from None
 
 
+def channels_last(device: torch.device) -> bool:
+    """NHWC activations on CUDA (tensor-core convolutions); not on the CPU, where this torch
+    build trains MobileNetV2 at 128 px 2.4x slower with them (11 against 27 images/s)."""
+    return device.type == "cuda"
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if channels_last(device) else torch.contiguous_format
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (no loss scaling needed); full precision on the CPU."""
     if device.type == "cuda":
@@ -71,11 +82,20 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def age_distribution(labels: torch.Tensor, classes: int, sigma: float) -> torch.Tensor:
+    """(B,) class indices -> (B, classes) soft targets: a Gaussian of ``sigma`` classes (years)
+    around each label, renormalised over the label space. Unlike one-hot cross-entropy it
+    tells the network that a one-year miss is nearly right (label-distribution learning)."""
+    k = torch.arange(classes, device=labels.device, dtype=torch.float32)
+    weights = torch.exp(-0.5 * ((k[None, :] - labels[:, None].float()) / sigma) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, config: TrainConfig, epoch: int) -> dict[str, float]:
     model.train()
     gen = torch.Generator().manual_seed(config.seed * 7_919 + epoch)
-    channels_last = device.type == "cuda"
+    nhwc = channels_last(device)
     total, seen, start = 0.0, 0, time.perf_counter()
     for step, (images, labels) in enumerate(loader):
         if config.max_train_batches and step >= config.max_train_batches:
@@ -85,9 +105,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         x = to_unit(images, config.input_size)
         if config.degrade.active:
             x = degrade_batch(x, config.degrade, gen)
-        x = augment_batch(normalise(x, config.input_spec, channels_last), config.augment, gen)
+        x = augment_batch(normalise(x, config.input_spec, nhwc), config.augment, gen)
         with autocast(device):
-            loss = F.cross_entropy(model(x), labels)
+            logits = model(x)
+        target = age_distribution(labels, logits.shape[1], config.label_sigma) \
+            if config.label_sigma > 0 else labels
+        loss = F.cross_entropy(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -104,10 +127,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, input_si
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (N,K) float32, labels (N,), DEX ages (N,)) over a loader, in loader order."""
     model.eval()
-    channels_last = device.type == "cuda"
+    nhwc = channels_last(device)
     all_logits, all_labels = [], []
     for images, labels in loader:
-        x = to_input(images.to(device, non_blocking=True), input_size, channels_last, spec)
+        x = to_input(images.to(device, non_blocking=True), input_size, nhwc, spec)
         with autocast(device):
             logits = model(x)
         all_logits.append(logits.float().cpu())

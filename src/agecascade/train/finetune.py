@@ -26,9 +26,11 @@ from agecascade.errors import MissingInput, UserError
 from agecascade.nets import BACKBONES, PRETRAINED, AgeNet, create_model, freeze_features
 from agecascade.nets.checkpoint import input_spec
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
-from agecascade.train.data import IMAGENET, LabelSpace, assign_split, label_space_for, make_loader
+from agecascade.train.data import (IMAGENET, LabelSpace, assign_split, balance_weights,
+                                   label_space_for, make_loader)
 from agecascade.train.degrade import Degrade
-from agecascade.train.engine import TrainConfig, adam, evaluate, fit, pick_device
+from agecascade.train.engine import (TrainConfig, adam, evaluate, fit, memory_format,
+                                     pick_device)
 
 # The settings tune.py's best.json chooses (`agecascade train --hparams`).
 HPARAMS = ("lr", "batch")
@@ -54,8 +56,14 @@ class FinetuneConfig:
     patience: int = option(5, help="halve the LR after this many epochs without a lower "
                                    "validation loss")
     degrade: float = option(0.0, help="probability of each old-photo effect (greyscale or sepia, "
-                                      "blur, JPEG) per training image; 0 = the thesis's "
+                                      "blur, grain, JPEG) per training image; 0 = the thesis's "
                                       "geometric augmentation only")
+    label_sigma: float = option(0.0, help="train on a Gaussian of this many years around each "
+                                          "age instead of one class (0 = the thesis's one-hot "
+                                          "cross-entropy)")
+    balance: float = option(0.0, help="sample training images with weight (images of their "
+                                      "age) ** -BALANCE: 0 = every image alike (the thesis), "
+                                      "1 = every age alike")
     input_size: int = option(224, help="network input side in pixels")
     val_fraction: float = option(0.2, help="share of the subjects kept for validation")
     test_fraction: float = option(0.0, help="share of the subjects held out from training and "
@@ -80,6 +88,10 @@ class FinetuneConfig:
         if min(self.max_train_batches, self.patience, self.max_images, self.workers) < 0:
             raise UserError("--max-train-batches, --patience, --max-images and --workers must "
                             "be >= 0")
+        if self.label_sigma < 0:
+            raise UserError(f"--label-sigma {self.label_sigma:g}: years, >= 0")
+        if not 0 <= self.balance <= 1:
+            raise UserError(f"--balance {self.balance:g}: between 0 and 1")
         if not 0 <= self.degrade <= 1:
             raise UserError(f"--degrade {self.degrade:g}: a probability, between 0 and 1")
         if not (0 < self.val_fraction and 0 <= self.test_fraction
@@ -159,16 +171,16 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
         spec = model.load_report.input_spec if model.load_report else IMAGENET
     if config.mode == "a":
         freeze_features(model)
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda"
-                     else torch.contiguous_format)
+    model = model.to(device, memory_format=memory_format(device))
     loop = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch,
                        patience=config.patience, input_size=config.input_size, seed=config.seed,
                        max_train_batches=config.max_train_batches, input_spec=spec,
-                       degrade=Degrade.each(config.degrade))
+                       degrade=Degrade.each(config.degrade), label_sigma=config.label_sigma)
     optimizer = adam([p for p in model.parameters() if p.requires_grad], config.lr)
     pin = device.type == "cuda"
+    weights = balance_weights(labels[rows["train"]], config.balance) if config.balance else None
     train_loader = make_loader(crops, labels, rows["train"], config.batch, True, config.seed,
-                               config.workers, pin)
+                               config.workers, pin, weights)
     val_loader = make_loader(crops, labels, rows["val"], max(config.batch, 64), False,
                              config.seed, config.workers, pin)
     ages = space.tensor(device)
@@ -177,7 +189,7 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
             "dataset": str(manifest["dataset"].iloc[0]), "ages": list(space.values),
             "input_size": config.input_size, "init": str(config.init or ""), "seed": config.seed,
             "val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
-            "crop": asdict(crop_recipe(config.manifest))}
+            "crop": asdict(crop_recipe(config.manifest, loop.augment.mean_zoom))}
     history = fit(model, train_loader, val_loader, ages, optimizer, loop, device, config.out,
                   meta, on_epoch, start.key)
     return finish(config, model, history, crops, labels, rows, ages, device, space), model
