@@ -95,3 +95,20 @@ def test_command_prints_one_json_object_and_readable_text(scored, capsys):
     zero_shot.main([str(folder), "--rows", str(rows)])
     text = capsys.readouterr().out
     assert "1 missed (no_face_found 1)" in text and "largest box" in text
+
+
+def test_the_appearance_probe_scores_each_effect_on_the_split(tmp_path: Path, capsys):
+    """Every effect gets a row; 'none' is the model's own test MAE on the split's crops, so an
+    effect that moves the ages shows as a different signed error."""
+    from conftest import write_checkpoint
+    from test_train import write_prepared
+
+    probe = _load("appearance_probe")
+    store = write_prepared(tmp_path / "store", n=60)
+    model = write_checkpoint(tmp_path / "model.pt", seed=0)
+    assert probe.main(["--model", str(model), "--manifest", str(store), "--val-fraction", "0.2",
+                       "--test-fraction", "0.3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["effects"]) == set(probe.effects(0)) and out["images"] > 5
+    none, grain = out["effects"]["none"], out["effects"]["noise std 0.05"]
+    assert none["mae"] > 0 and none["signed"] != grain["signed"]
