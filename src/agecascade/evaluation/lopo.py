@@ -152,7 +152,7 @@ def settings_key(config: LopoConfig, init: Mapping | None, device: torch.device)
                    config.weights)
 
 
-def _batch(data: FoldData, rows: torch.Tensor, spec: InputSpec, channels_last: bool) -> torch.Tensor:
+def _batch(data: FoldData, rows: torch.Tensor, spec: InputSpec, nhwc: bool) -> torch.Tensor:
     return normalise(to_unit(data.images[rows], data.images.shape[1]), spec, nhwc)
 
 
