@@ -79,14 +79,19 @@ def faces(n: int, size: tuple[int, int], seed: int) -> np.ndarray:
     return (noise + np.linspace(0, 190, n).reshape(n, 1, 1, 1)).astype(np.uint8)
 
 
-def checkpoint_ages(checkpoint: Path, images: np.ndarray) -> np.ndarray:
-    """The DEX ages the training code itself computes for a uint8 batch."""
+def checkpoint_ages(checkpoint: Path, images: np.ndarray, flip: bool = True) -> np.ndarray:
+    """The DEX ages the training code itself computes for a uint8 batch; with ``flip``, of each
+    image's distribution averaged with its mirror image's, as the AgeEstimator serves them."""
     model, meta = load_checkpoint(checkpoint)
-    loader = make_loader(images, np.zeros(len(images), dtype=np.int64), np.arange(len(images)),
-                         8, False, 0, 0, False)
-    _, _, ages = predict(model, loader, torch.device("cpu"), meta["input_size"],
-                         torch.tensor(meta["ages"]))
-    return ages.numpy()
+    ages = torch.tensor(meta["ages"])
+    probs = []
+    views = (images, np.ascontiguousarray(images[:, :, ::-1])) if flip else (images, images)
+    for view in views:
+        loader = make_loader(view, np.zeros(len(view), dtype=np.int64), np.arange(len(view)),
+                             8, False, 0, 0, False)
+        logits, _, _ = predict(model, loader, torch.device("cpu"), meta["input_size"], ages)
+        probs.append(logits.softmax(dim=1))
+    return ((probs[0] + probs[1]) / 2 @ ages).numpy()
 
 
 def png(image: np.ndarray) -> bytes:
@@ -141,8 +146,8 @@ def test_every_image_reaches_the_network_at_input_size(estimator):
     finally:
         hook.remove()
     assert ages.shape == (4,)
-    assert sorted(tuple(shape) for shape in seen) == [(1, 3, 32, 32), (1, 3, 32, 32),
-                                                     (2, 3, 32, 32)]  # one batch per size
+    # one batch per size, run twice: the crops, then their mirror images (flip TTA)
+    assert sorted(tuple(shape) for shape in seen) == [(1, 3, 32, 32)] * 4 + [(2, 3, 32, 32)] * 2
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -601,8 +606,9 @@ def test_register_stage_can_also_register_the_onnx_model(store):
     assert aliases("t-both-onnx") == {"champion": 1}
     crops = faces(4, (32, 32), seed=5)
     served = mlflow.pyfunc.load_model("models:/t-both-onnx@champion").predict(crops)
-    np.testing.assert_allclose(served["age"], checkpoint_ages(store.checkpoints[0], crops),
-                               atol=0.05)
+    # the ONNX flavour serves the network's own output for each crop: no flip TTA
+    np.testing.assert_allclose(served["age"],
+                               checkpoint_ages(store.checkpoints[0], crops, flip=False), atol=0.05)
     mlmodel = next(store.root.glob(f"mlruns/*/models/{report['onnx']['model_uri'].split('/')[-1]}"
                                    "/artifacts/MLmodel")).read_text()
     assert "pickle" not in mlmodel and "onnx" in mlmodel

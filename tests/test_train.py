@@ -629,8 +629,12 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
 
     images = np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
     network, meta = load_checkpoint(checkpoint)
-    loader = make_loader(images, np.zeros(6, dtype=np.int64), np.arange(6), 6, False, 0, 0, False)
-    _, _, expected = predict(network, loader, torch.device("cpu"), SIZE, torch.tensor(meta["ages"]))
+    ages, probs = torch.tensor(meta["ages"]), []
+    for view in (images, np.ascontiguousarray(images[:, :, ::-1])):  # served with flip TTA
+        loader = make_loader(view, np.zeros(6, dtype=np.int64), np.arange(6), 6, False, 0, 0, False)
+        logits, _, _ = predict(network, loader, torch.device("cpu"), SIZE, ages)
+        probs.append(logits.softmax(dim=1))
+    expected = (probs[0] + probs[1]) / 2 @ ages
     np.testing.assert_allclose(model.unwrap_python_model().predict_crops(images), expected.numpy(),
                                atol=1e-4)
     from agecascade.registry import aliases, promote
