@@ -1,15 +1,20 @@
-"""Training throughput (images/s) per backbone: agecascade's path versus a plain PyTorch loop.
+"""Training throughput (images/s) per backbone: agecascade's path against a plain PyTorch loop.
 
 Both train the same network on the same uint8 crops for the same number of steps:
   agecascade  memory-mapped crop store -> whole-batch reads -> augmentation and normalisation
-              on the device -> channels_last + bf16 autocast on CUDA (the `train` stage's code)
+              on the device -> ``train_one_epoch`` (the `train` stage's code) with the compute
+              that ``--precision auto`` picks (``agecascade.train.compute``), and with each
+              precision x memory format, so the choice can be checked on a new machine
   plain       a per-image Dataset (ToTensor-style float conversion and normalisation on the
-              CPU), default collate, fp32, no augmentation
-Run:  python benchmarks/train_throughput.py --size 224 --batch 32 --steps 20
+              CPU), default collate, fp32, NCHW, torch.optim.Adam's defaults, no augmentation:
+              the loop a PyTorch user writes first, doing strictly less work per image
+Run:  python benchmarks/train_throughput.py --backbones mobilenet_v2 resnet50 --size 128 --json
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from agecascade.data.store import create_store
 from agecascade.nets import create_model
+from agecascade.train.compute import Compute, choose_compute
 from agecascade.train.data import IMAGENET, make_loader
 from agecascade.train.engine import TrainConfig, adam, pick_device, train_one_epoch
 
@@ -63,22 +69,47 @@ def plain_loop(model, crops, labels, batch, steps, device, workers) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def ours(model, crops, labels, batch, steps, device, workers, size) -> float:
+def ours(model, crops, labels, batch, steps, compute: Compute, workers, size) -> float:
     rows = np.arange(len(labels))
-    loader = make_loader(crops, labels, rows, batch, True, 0, workers, device.type == "cuda")
+    loader = make_loader(crops, labels, rows, batch, True, 0, workers, compute.device.type == "cuda")
     config = TrainConfig(epochs=1, lr=1e-4, batch_size=batch, patience=5, input_size=size, seed=0,
                          max_train_batches=1)
     optimizer = adam(model.parameters(), 1e-4)
-    model.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    train_one_epoch(model, loader, optimizer, device, config, epoch=0)  # warm-up
+    model.to(memory_format=compute.memory_format)
+    train_one_epoch(model, loader, optimizer, compute, config, epoch=0)  # warm-up
     config.max_train_batches = steps
-    # loss.item() every step synchronises, so the epoch's own clock is honest on CUDA too
-    return train_one_epoch(model, loader, optimizer, device, config, epoch=1)["train_images_per_s"]
+    # the epoch reads its summed loss (a host sync) before its clock stops: honest on CUDA too
+    return train_one_epoch(model, loader, optimizer, compute, config, epoch=1)["train_images_per_s"]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def label(compute: Compute) -> str:
+    return f"{'bf16' if compute.bf16 else 'fp32'}_{'nhwc' if compute.nhwc else 'nchw'}"
+
+
+def measure(name: str, crops, labels, args, device: torch.device) -> dict:
+    def fresh():
+        torch.manual_seed(0)
+        return create_model(name, 101).to(device)
+
+    chosen = choose_compute(device, fresh().arch, "auto")
+    variants = {}
+    if args.all_variants:
+        for bf16, nhwc in itertools.product((False, True), repeat=2):
+            compute = Compute(device, bf16, nhwc)
+            variants[label(compute)] = ours(fresh(), crops, labels, args.batch, args.steps,
+                                            compute, args.workers, args.size)
+    project = variants.get(label(chosen)) or ours(fresh(), crops, labels, args.batch, args.steps,
+                                                  chosen, args.workers, args.size)
+    plain = plain_loop(fresh(), crops, labels, args.batch, args.steps, device, args.workers)
+    return {"backbone": name, "size": args.size, "batch": args.batch, "device": device.type,
+            "auto": label(chosen), "project_img_s": round(project, 1),
+            "plain_img_s": round(plain, 1), "ratio": round(project / plain, 2),
+            "variants_img_s": {k: round(v, 1) for k, v in variants.items()}}
 
 
 def main() -> None:
@@ -89,6 +120,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed batches per measurement")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--all-variants", action="store_true",
+                        help="also time each of fp32/bf16 x NCHW/NHWC on the project's path")
+    parser.add_argument("--json", action="store_true", help="one JSON object per backbone")
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -100,18 +134,20 @@ def main() -> None:
         crops[:] = rng.integers(0, 256, crops.shape, dtype=np.uint8)
         crops.flush()
         crops = np.load(Path(tmp) / "crops.npy", mmap_mode="r")
-        print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}),"
-              f" {torch.get_num_threads()} threads, input {args.size}px, batch {args.batch}, "
-              f"{args.steps} timed steps, {args.workers} loader workers")
-        print(f"{'backbone':<14}{'agecascade img/s':>18}{'plain img/s':>14}{'ratio':>8}")
+        if not args.json:
+            print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}),"
+                  f" {torch.get_num_threads()} threads, input {args.size}px, batch {args.batch}, "
+                  f"{args.steps} timed steps, {args.workers} loader workers")
+            print(f"{'backbone':<14}{'auto':>11}{'agecascade img/s':>18}{'plain img/s':>14}"
+                  f"{'ratio':>8}  variants")
         for name in args.backbones:
-            torch.manual_seed(0)
-            a = ours(create_model(name, 101).to(device), crops, labels, args.batch, args.steps,
-                     device, args.workers, args.size)
-            torch.manual_seed(0)
-            b = plain_loop(create_model(name, 101).to(device), crops, labels, args.batch,
-                           args.steps, device, args.workers)
-            print(f"{name:<14}{a:>18.1f}{b:>14.1f}{a / b:>8.2f}")
+            r = measure(name, crops, labels, args, device)
+            if args.json:
+                print(json.dumps(r), flush=True)
+                continue
+            shown = "  ".join(f"{k} {v}" for k, v in r["variants_img_s"].items())
+            print(f"{name:<14}{r['auto']:>11}{r['project_img_s']:>18.1f}{r['plain_img_s']:>14.1f}"
+                  f"{r['ratio']:>8.2f}  {shown}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from agecascade.errors import UserError
 from agecascade.evaluation.lopo import LopoConfig, run_lopo, settings_key, summarise, train_heads
 from agecascade.nets import create_model
 from agecascade.nets.checkpoint import load_checkpoint
+from agecascade.train.compute import Compute
 from agecascade.train.data import IMAGENET, LabelSpace
 
 SIZE = 32
@@ -166,15 +167,15 @@ def test_an_interrupted_run_trains_only_the_missing_folds(fgnet, init, tmp_path)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "settings-1",
+        run_lopo(model, start, IMAGENET, space, manifest, crops, config, Compute(CPU), "settings-1",
                  crash_after_three)
     first = list(done)
-    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU,
+    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config, Compute(CPU),
                               "settings-1", lambda subject, frame: done.append(subject))
     assert done[3:] == sorted(set(predictions["subject"]) - set(first))  # no fold trained twice
     # other settings must not reuse those folds
     again: list[str] = []
-    run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "settings-2",
+    run_lopo(model, start, IMAGENET, space, manifest, crops, config, Compute(CPU), "settings-2",
              lambda subject, frame: again.append(subject))
     assert len(again) == SUBJECTS
 
@@ -279,11 +280,11 @@ def test_a_fold_whose_csv_write_failed_is_trained_again(fgnet, tmp_path, monkeyp
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", cut_short)
     with pytest.raises(OSError):
-        run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "key", None)
+        run_lopo(model, start, IMAGENET, space, manifest, crops, config, Compute(CPU), "key", None)
     monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
     assert len(list((tmp_path / lopo.FOLDS_DIR).glob("*.csv"))) == 2
     retrained: list[str] = []
-    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config, CPU, "key",
+    predictions, _ = run_lopo(model, start, IMAGENET, space, manifest, crops, config, Compute(CPU), "key",
                               lambda subject, frame: retrained.append(subject))
     subjects = sorted(predictions["subject"].unique())
     assert retrained == subjects[2:]  # the cut-short fold among them

@@ -333,3 +333,54 @@ def test_whole_chip_crops_record_how_they_frame_the_face(tmp_path):
     recipe = crop_recipe(tmp_path / "out")
     assert (recipe.box_policy, recipe.box_source, recipe.window) == ("image", "dlib",
                                                                      framing["window"])
+
+
+def _checkpoint_with_recipe(path: Path, **recipe) -> Path:
+    import torch
+
+    from agecascade.data.recipe import CropRecipe
+
+    torch.save({"model": {}, "meta": {"crop": dataclasses.asdict(CropRecipe(**recipe))}}, path)
+    return path
+
+
+def test_like_cuts_the_crops_predict_cuts_and_records_their_framing(tmp_path):
+    """`prepare --like MODEL` frames each face as MODEL's training crops framed theirs, so a
+    fine-tune of MODEL on this store starts from the view it knows: the very crops `predict`
+    cuts for MODEL. A photo without a face falls back to the box policy, counted."""
+    pytest.importorskip("dlib")
+    from conftest import shared_dataset
+
+    from agecascade.data.store import crop_recipe
+    from agecascade.inference.faces import FaceSettings, analyse_file
+
+    chips = sorted(shared_dataset("utkface-dev").rglob("*.chip.jpg"))[:6]
+    root = tmp_path / "utk"
+    root.mkdir()
+    for chip in chips:
+        (root / chip.name).symlink_to(chip)
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(root / "30_0_0_20170101000000000.jpg.chip.jpg")
+    model = _checkpoint_with_recipe(tmp_path / "model.pt", box_policy="image", size=64,
+                                    box_source="dlib", window=1.2, offset=(0.0, 0.05), zoom=0.9)
+    assert main(["prepare", "utkface", "--root", str(root), "--out", str(tmp_path / "out"),
+                 "--size", "64", "--like", str(model), "--workers", "1"]) == 0
+    manifest, crops = load_prepared(tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    framing = report["crops"]["framing"]
+    assert framing["window"] == pytest.approx(1.2 * 0.9) and framing["offset"] == [0.0, 0.05]
+    detected = (manifest["box_source"] == "dlib").to_numpy()
+    assert framing["measured"] == detected.sum() >= 5
+    assert report["warnings"]["no_face_found"] == (~detected).sum() >= 1
+    recipe = crop_recipe(tmp_path / "out")
+    settings = FaceSettings(recipe, detector="dlib")
+    assert (recipe.box_source, recipe.framing()) == ("dlib", (1.2 * 0.9, 0.0, 0.05))
+    for row in np.flatnonzero(detected):
+        served = analyse_file(str(root / manifest["path"][row]), settings).crops[0]
+        assert np.array_equal(served, crops[row])
+
+
+def test_like_refuses_a_model_trained_on_margin_crops(tmp_path, capsys):
+    model = _checkpoint_with_recipe(tmp_path / "model.pt", margin=0.3)
+    assert main(["prepare", "utkface", "--root", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--like", str(model)]) == 2
+    assert "--margin 0.3 instead" in capsys.readouterr().err

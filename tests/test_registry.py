@@ -39,6 +39,7 @@ from agecascade.registry import (aliases, checkpoint_reference, promote, registe
                                  run_estimator)
 from agecascade.serving import (AgeEstimator, CheckpointRef, dvc_cache_object,
                                 log_age_estimator, model_digest)
+from agecascade.train.compute import Compute
 from agecascade.train.data import make_loader
 from agecascade.train.engine import predict
 from conftest import AGES, write_checkpoint
@@ -89,7 +90,7 @@ def checkpoint_ages(checkpoint: Path, images: np.ndarray, flip: bool = True) -> 
     for view in views:
         loader = make_loader(view, np.zeros(len(view), dtype=np.int64), np.arange(len(view)),
                              8, False, 0, 0, False)
-        logits, _, _ = predict(model, loader, torch.device("cpu"), meta["input_size"], ages)
+        logits, _, _ = predict(model, loader, Compute(torch.device("cpu")), meta["input_size"], ages)
         probs.append(logits.softmax(dim=1))
     return ((probs[0] + probs[1]) / 2 @ ages).numpy()
 

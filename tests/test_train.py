@@ -24,6 +24,7 @@ from agecascade.data.manifest import make_row, to_frame
 from agecascade.data.store import CROPS, MANIFEST, create_store
 from agecascade.errors import UserError
 from agecascade.train import finetune
+from agecascade.train.compute import Compute
 from agecascade.train.data import LabelSpace, assign_split
 from agecascade.train.finetune import FinetuneConfig, resume_key
 from agecascade.train.tune import TuneConfig
@@ -126,7 +127,8 @@ def test_dvc_yaml_train_commands_parse_into_the_params(dvc_commands, params, ste
             (wanted["epochs"], wanted["patience"], wanted["val_fraction"])
         assert (config.input_size, config.seed, config.workers, config.device) == \
             (shared["input_size"], shared["seed"], shared["workers"], shared["device"])
-        assert (config.degrade, config.label_sigma) == (shared["degrade"], shared["label_sigma"])
+        assert (config.degrade, config.label_sigma, config.precision) == \
+            (shared["degrade"], shared["label_sigma"], shared["precision"])
         if step == "finetune_imdb":
             assert (config.pretrained, config.weights) == (item["pretrained"], item["weights"])
             assert config.init is None and config.mode == "b"
@@ -244,7 +246,8 @@ def test_label_space_covers_the_data_range():
     assert space.encode(np.array([3.0, 7.0, 9.0])).tolist() == [0, 4, 4]
 
 
-@pytest.mark.parametrize("loss", [(), ("--label-sigma", "2")], ids=["one-hot", "label-sigma"])
+@pytest.mark.parametrize("loss", [(), ("--label-sigma", "2"), ("--precision", "bf16")],
+                         ids=["one-hot", "label-sigma", "bf16-autocast"])
 def test_training_learns_and_writes_its_outputs(toy, tmp_path, loss):
     out = tmp_path / "run"
     assert main(train_args(toy, out, "--epochs", "3", "--test-fraction", "0.1", *loss)) == 0
@@ -402,6 +405,7 @@ def test_resume_key_follows_content_not_paths(tiny, tmp_path):
     assert key(store) != base
     assert key(tiny, "--lr", "0.01") != base
     assert key(tiny, "--max-images", "50") != base
+    assert key(tiny, "--precision", "bf16") != base
     weights = tmp_path / "vggface2.pth"
     weights.write_bytes(b"face weights")
     fresh = key(tiny, checkpoint=None)
@@ -632,7 +636,7 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
     ages, probs = torch.tensor(meta["ages"]), []
     for view in (images, np.ascontiguousarray(images[:, :, ::-1])):  # served with flip TTA
         loader = make_loader(view, np.zeros(6, dtype=np.int64), np.arange(6), 6, False, 0, 0, False)
-        logits, _, _ = predict(network, loader, torch.device("cpu"), SIZE, ages)
+        logits, _, _ = predict(network, loader, Compute(torch.device("cpu")), SIZE, ages)
         probs.append(logits.softmax(dim=1))
     expected = (probs[0] + probs[1]) / 2 @ ages
     np.testing.assert_allclose(model.unwrap_python_model().predict_crops(images), expected.numpy(),

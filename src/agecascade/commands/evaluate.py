@@ -10,6 +10,7 @@ import numpy as np
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
 from agecascade.nets.checkpoint import input_spec, load_checkpoint
+from agecascade.train.compute import PRECISIONS, choose_compute
 from agecascade.train.data import LabelSpace, assign_split, make_loader
 from agecascade.train.engine import pick_device, predict
 
@@ -21,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows of the model's own train/val/test split (same manifest)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="as in `train`; auto reproduces the test MAE that `train` reported")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"no rows in split {args.split!r} of {args.manifest}")
     space = LabelSpace(tuple(meta["ages"]))
     loader = make_loader(crops, space.encode(ages), rows, args.batch, False, 0, 0, False)
-    _, _, predicted = predict(model, loader, device, meta["input_size"], space.tensor(device),
+    compute = choose_compute(device, meta["arch"], args.precision)
+    _, _, predicted = predict(model, loader, compute, meta["input_size"], space.tensor(device),
                               input_spec(meta))
     errors = np.abs(predicted.numpy() - ages[rows])
     result = {"n": int(len(rows)), "mae": float(errors.mean()),

@@ -15,13 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .crops import crop_face, margin_box, whole_image_box
-from .detect import available_detectors, detect_face
+from .crops import crop_face, framed_box, margin_box, whole_image_box
+from .detect import available_detectors, detect_face, detect_faces
 from .imaging import BadImage, decode, orient_box
 
 # A face box may stick out of a tight crop, but not by this much: beyond it the annotation is
 # broken (a dataset box 1e5 px wide on a 100 px image), not a face.
 MAX_BOX_TO_IMAGE = 2.0
+
+
+@dataclass(frozen=True)
+class Like:
+    """A model's framing of a face (``CropRecipe.framing``): the window its detector's box gets."""
+    detector: str
+    window: float
+    offset: tuple[float, float]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +41,7 @@ class CropSettings:
     max_pixels: int
     box_policy: str  # auto: dataset box > detector > whole image; image: whole image
     max_file_bytes: int
+    like: Like | None  # frame each face as a model's training crops did (prepare --like)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,17 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
     data = read_bytes(job.file, settings.max_file_bytes)
     decoded = decode(data, job.file, settings.max_pixels)
     image, notes = decoded.image, list(decoded.notes)
+    meta = dict(width=image.width, height=image.height, sha1=hashlib.sha1(data).hexdigest())
+
+    if settings.like is not None:
+        faces = detect_faces(image, settings.like.detector)
+        if faces:  # the largest face, framed as the model's training crops framed theirs
+            window = framed_box(faces[0].box, settings.like.window, settings.like.offset)
+            return CropResult(crop=crop_face(image, window, 0.0, settings.size), notes=notes,
+                              box=tuple(float(v) for v in faces[0].box),
+                              box_source=settings.like.detector, **meta)
+        notes.append(("no_face_found", f"{settings.like.detector} found none: the dataset box "
+                                       f"(else the whole image) with the margin used"))
 
     box, source, margin = None, "", settings.margin
     if settings.box_policy == "auto" and job.box is not None:
@@ -113,7 +133,7 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
             box, source = oriented, job.box_source or "metadata"
         else:
             notes.append(("dataset_box_unusable", f"box {tuple(round(v, 1) for v in job.box)}"))
-    if box is None and settings.box_policy == "auto":
+    if box is None and settings.box_policy == "auto" and settings.like is None:
         found = detect_face(image)
         if found is not None:
             box, source = found
@@ -129,9 +149,7 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
 
     return CropResult(
         crop=crop_face(image, box, margin, settings.size), notes=notes,
-        box=tuple(float(v) for v in box), box_source=source,
-        width=image.width, height=image.height, sha1=hashlib.sha1(data).hexdigest(),
-        framing=framing,
+        box=tuple(float(v) for v in box), box_source=source, framing=framing, **meta,
     )
 
 

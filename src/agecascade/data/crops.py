@@ -34,6 +34,16 @@ def margin_box(box: Box, margin: float) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
+def framed_box(box: Box, window: float, offset: tuple[float, float]) -> Box:
+    """The square window of side ``window`` x the box's longer side, centred ``offset`` box
+    sides (x, y) from the box centre: how a recipe frames a detected face (``CropRecipe.framing``)."""
+    x0, y0, x1, y1 = box
+    face = max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2 + offset[0] * face, (y0 + y1) / 2 + offset[1] * face
+    half = window * face / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
 def _span(start: int, side: int, extent: int, size: int,
           factor: int) -> tuple[int, int, int, int] | None:
     """Along one axis: the block range [k0, k1) of the window to resample, and the output

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from agecascade.atomic import replacing, write_text_atomic
 from agecascade.config import option
-from agecascade.errors import UserError
+from agecascade.errors import MissingInput, UserError
 
 from .adapters import ADAPTERS, get_adapter
-from .cropper import CropJob, CropResult, CropSettings, crop_file
-from .recipe import BOX_POLICIES
-from .detect import available_detectors
+from .cropper import CropJob, CropResult, CropSettings, Like, crop_file
+from .recipe import BOX_POLICIES, CropRecipe
+from .detect import available_detectors, resolve_detector
 from .imaging import DEFAULT_MAX_PIXELS
 from .report import DropReport
 from .store import COUNTS, CROPS, MANIFEST, REPORT, create_store, shrink_store
@@ -57,6 +57,10 @@ class PrepareConfig:
     box: str = option("auto", choices=BOX_POLICIES,
                       help="auto: dataset box > detector > whole image; image: whole image "
                            "(for datasets that are already face crops)")
+    like: Path | None = option(None, help="a model.pt trained on whole chips: frame each face "
+                                          "as its training crops framed theirs (its detector, "
+                                          "window and offset), as `predict` does, so fine-tuning "
+                                          "it here starts from the view it knows")
     workers: int = option(os.cpu_count() or 1, help="crop processes (default: one per core)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS,
                              help="larger images are rejected as decompression bombs")
@@ -84,7 +88,27 @@ class PrepareConfig:
     def crop_settings(self) -> CropSettings:
         """The part each worker needs, in the units the cropper reads."""
         return CropSettings(size=self.size, margin=self.margin, max_pixels=self.max_pixels,
-                            box_policy=self.box, max_file_bytes=int(self.max_file_mb * 2**20))
+                            box_policy=self.box, max_file_bytes=int(self.max_file_mb * 2**20),
+                            like=framing_of(self.like) if self.like else None)
+
+
+def framing_of(checkpoint: Path) -> Like:
+    """How ``checkpoint``'s training crops framed a face: its recipe's detector, window (the
+    augmentation's mean zoom included) and offset."""
+    import torch  # only --like reads a checkpoint
+
+    if not checkpoint.is_file():
+        raise MissingInput(f"--like {checkpoint}: no such file")
+    crop = torch.load(checkpoint, map_location="cpu", weights_only=True).get("meta", {}).get("crop")
+    if crop is None:
+        raise UserError(f"--like {checkpoint}: records no crop recipe (a checkpoint of an older "
+                        "version); prepare with --margin instead")
+    recipe = CropRecipe(**crop)
+    if recipe.window <= 0:
+        raise UserError(f"--like {checkpoint}: its crops were cut around face boxes with a margin "
+                        f"of {recipe.margin:g}; prepare with --margin {recipe.margin:g} instead")
+    window, offset_x, offset_y = recipe.framing()
+    return Like(resolve_detector(recipe.box_source), window, (offset_x, offset_y))
 
 
 class WorkerDied(UserError):
@@ -150,12 +174,11 @@ def _next(pending: deque[tuple[list[CropJob], Future]]) -> list[CropResult]:
     return results
 
 
-def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport,
-               config: PrepareConfig) -> tuple[pd.DataFrame, dict | None]:
+def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport, config: PrepareConfig,
+               settings: CropSettings) -> tuple[pd.DataFrame, dict | None]:
     """Fill the crop store at ``path`` with the kept faces, in manifest order; the manifest of
     the kept rows, with the box each crop used, and the framing of whole-image crops
     (:func:`framing_summary`). Drops and warnings go into ``report``."""
-    settings = config.crop_settings
     jobs = _jobs(manifest, config.root)
     store = create_store(path, len(jobs), settings.size)
     kept, filled, first_seen, framings = [], [], {}, []
@@ -204,16 +227,21 @@ def framing_summary(framings: list[tuple[float, float, float, str]]) -> dict | N
 
 def run(config: PrepareConfig) -> DropReport:
     """Prepare one dataset into ``config.out``; the drop report it wrote."""
+    settings = config.crop_settings  # first: a bad --like fails before any reading
     manifest, report = get_adapter(config.dataset)(config.root)
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, no permission: the user's to fix
         raise UserError(f"--out {config.out}: cannot create it ({err.strerror})") from err
     with replacing(config.out / CROPS) as crops:
-        final, framing = _crop_into(crops, manifest, report, config)
+        final, framing = _crop_into(crops, manifest, report, config, settings)
     with replacing(config.out / MANIFEST) as tmp:
         final.to_parquet(tmp, index=False)
-    settings = config.crop_settings
+    if settings.like is not None:
+        like = settings.like
+        framing = {"window": like.window, "offset": list(like.offset), "detector": like.detector,
+                   "measured": int((final["box_source"] == like.detector).sum()),
+                   "like": str(config.like)}
     report.crops = {"file": CROPS, "shape": [len(final), settings.size, settings.size, 3],
                     "dtype": "uint8", "margin": settings.margin, "box_policy": settings.box_policy,
                     "detectors": available_detectors(), "max_pixels": settings.max_pixels,

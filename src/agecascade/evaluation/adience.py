@@ -60,8 +60,9 @@ from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
 from agecascade.train.cascade import model_from_init, read_init
 from agecascade.train.data import assign_split, make_loader, to_input
-from agecascade.train.engine import (TrainConfig, adam, autocast, channels_last,
-                                     clear_resume_point, fit, memory_format, pick_device, predict)
+from agecascade.train.compute import PRECISIONS, Compute, choose_compute
+from agecascade.train.engine import (TrainConfig, adam, clear_resume_point, fit, pick_device,
+                                     predict)
 
 # groups -> (manifest column, class names in age order)
 GROUPINGS: dict[int, tuple[str, list[str]]] = {8: ("age_group", GROUPS), 3: ("age_group3", GROUPS3)}
@@ -97,6 +98,9 @@ class AdienceConfig:
     seed: int = option(0)
     workers: int = option(0, help="data-loader processes (full fine-tune)")
     device: str = device_option()
+    precision: str = option("auto", choices=PRECISIONS,
+                            help="auto: bf16 autocast on CUDA, and on the CPU for the backbones "
+                                 "where it measured faster; fp32: full precision throughout")
     out: Path = option(help="folder of metrics.json, folds.csv, classes.csv and folds/")
 
     def __post_init__(self) -> None:
@@ -144,7 +148,11 @@ class Protocol:
     init: dict                 # the cascade checkpoint, read once
     input_size: int
     key: str                   # init tensors + crop store + code: part of every fold's fingerprint
-    device: torch.device
+    compute: Compute
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute.device
 
 
 def load_protocol(config: AdienceConfig) -> Protocol:
@@ -160,8 +168,10 @@ def load_protocol(config: AdienceConfig) -> Protocol:
     folds = manifest["fold"].astype("Float64").fillna(-1).to_numpy(dtype=np.int64)
     device = pick_device(config.device)
     key = run_key({}, config.manifest, device.type, init)  # each fold adds its settings
+    compute = choose_compute(device, init["meta"]["arch"], config.precision)
+    print(f"computing on {compute.describe()}")
     return Protocol(manifest, crops, folds, init, config.input_size or int(init["meta"]["input_size"]),
-                    key, device)
+                    key, compute)
 
 
 def group_labels(manifest: pd.DataFrame, groups: int, source: Path) -> np.ndarray:
@@ -215,7 +225,7 @@ def train_full(config: AdienceConfig, p: Protocol, labels: np.ndarray, groups: i
     on the whole network (mode a: the head). Returns (history, kept epoch, its validation group
     MAE, test class probabilities)."""
     model, spec = start_model(config, p, groups)
-    model = model.to(p.device, memory_format=memory_format(p.device))
+    model = model.to(p.device, memory_format=p.compute.memory_format)
     train = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch,
                         patience=config.patience, input_size=p.input_size, seed=config.seed,
                         input_spec=spec)
@@ -231,11 +241,11 @@ def train_full(config: AdienceConfig, p: Protocol, labels: np.ndarray, groups: i
             "ages": steps.tolist(), "groups": GROUPINGS[groups][1], "input_size": p.input_size,
             "seed": config.seed}
     history = fit(model, loader("train", config.batch, True),
-                  loader("val", max(config.batch, 64), False), steps, optimizer, train, p.device,
+                  loader("val", max(config.batch, 64), False), steps, optimizer, train, p.compute,
                   folder, meta, on_epoch, key=key)
     best = torch.load(folder / "model.pt", map_location=p.device, weights_only=True)
     model.load_state_dict(best["model"])
-    logits, true, _ = predict(model, loader("test", max(config.batch, 64), False), p.device,
+    logits, true, _ = predict(model, loader("test", max(config.batch, 64), False), p.compute,
                               p.input_size, steps, spec)
     if not np.array_equal(true.numpy(), labels[rows["test"]]):
         raise RuntimeError("test predictions came back out of row order")
@@ -252,12 +262,13 @@ class Tail:
     net: torch.nn.Module
     start: dict
     views: torch.Tensor
+    compute: Compute
 
 
 def make_tail(config: AdienceConfig, p: Protocol, groups: int) -> Tail:
     model, spec = start_model(config, p, groups)
     model = model.to(p.device)
-    nhwc = channels_last(p.device)
+    nhwc = p.compute.nhwc
 
     def inputs(start: int, stop: int) -> torch.Tensor:
         images = torch.from_numpy(np.array(p.crops[start:stop])).to(p.device)  # a copy: read-only store
@@ -271,11 +282,11 @@ def make_tail(config: AdienceConfig, p: Protocol, groups: int) -> Tail:
     with torch.no_grad():
         for start in range(0, len(p.crops), 128):
             x = inputs(start, start + 128)
-            with autocast(p.device):
+            with p.compute.autocast():
                 plain.append(frozen(x).float())
                 mirrored.append(frozen(x.flip(-1)).float())
     start = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return Tail(net, start, torch.stack([torch.cat(plain), torch.cat(mirrored)]))
+    return Tail(net, start, torch.stack([torch.cat(plain), torch.cat(mirrored)]), p.compute)
 
 
 @torch.no_grad()
@@ -311,19 +322,19 @@ def train_tail(config: AdienceConfig, tail: Tail, labels: np.ndarray, groups: in
     for epoch in range(config.epochs):
         net.train()
         order = train[torch.randperm(len(train), generator=gen).numpy()]
-        total = 0.0
+        total = torch.zeros((), device=device)
         for step in range(len(train) // batch):
             idx = torch.as_tensor(order[step * batch:(step + 1) * batch], device=device)
             view = torch.randint(2, (len(idx),), generator=gen).to(device)
-            with autocast(device):
+            with tail.compute.autocast():
                 loss = F.cross_entropy(net(views[view, idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)   # read once per epoch: no host sync per step
         probs = _tail_probabilities(net, views, val)
         target = y[torch.as_tensor(val, device=device)]
-        metrics = {"train_loss": total / (len(train) // batch * batch),
+        metrics = {"train_loss": total.item() / (len(train) // batch * batch),
                    "val_loss": F.nll_loss(probs.clamp_min(1e-12).log(), target).item(),
                    "val_mae": (probs @ steps - target.float()).abs().mean().item(),
                    "lr": optimizer.param_groups[0]["lr"]}

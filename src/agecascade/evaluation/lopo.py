@@ -48,7 +48,8 @@ from agecascade.nets.weights import InputSpec
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
 from agecascade.train.data import (IMAGENET, Augment, LabelSpace, augment_batch, label_space_for,
                                    normalise, to_unit)
-from agecascade.train.engine import adam, autocast, channels_last, memory_format, pick_device
+from agecascade.train.compute import PRECISIONS, Compute, choose_compute
+from agecascade.train.engine import adam, pick_device
 
 FOLDS_DIR = "folds"
 AUGMENT = Augment()  # modes b and c without train_blocks: the thesis's augmentation
@@ -82,6 +83,9 @@ class LopoConfig:
                                                        "(the folds' heads train in groups that "
                                                        "fit)")
     device: str = device_option()
+    precision: str = option("auto", choices=PRECISIONS,
+                            help="auto: bf16 autocast on CUDA, and on the CPU for the backbones "
+                                 "where it measured faster; fp32: full precision throughout")
     out: Path = option(help="folder of predictions.csv, folds.csv, metrics.json and model.pt")
 
     def __post_init__(self) -> None:
@@ -158,14 +162,14 @@ def _batch(data: FoldData, rows: torch.Tensor, spec: InputSpec, nhwc: bool) -> t
 
 @torch.no_grad()
 def _probabilities(net: torch.nn.Module, both_views: Callable[[torch.Tensor], torch.Tensor],
-                   rows: np.ndarray, device: torch.device) -> torch.Tensor:
+                   rows: np.ndarray, compute: Compute) -> torch.Tensor:
     """Softmax (len(rows), K), averaged over each image and its mirror image.
     ``both_views(idx)``: (2B, ...), the B inputs of rows ``idx``, then those of their mirrors."""
     net.eval()
     out = []
     for start in range(0, len(rows), 128):
-        idx = torch.as_tensor(rows[start:start + 128], device=device)
-        with autocast(device):
+        idx = torch.as_tensor(rows[start:start + 128], device=compute.device)
+        with compute.autocast():
             logits = net(both_views(idx))
         out.append(logits.float().softmax(1).view(2, len(idx), -1).mean(0))
     return torch.cat(out)
@@ -177,7 +181,7 @@ stem outputs of a random view."""
 
 
 def train_fold(model: torch.nn.Module, start: dict, inputs: Inputs, labels: torch.Tensor,
-               rows: np.ndarray, config: LopoConfig, device: torch.device, seed: int
+               rows: np.ndarray, config: LopoConfig, compute: Compute, seed: int
                ) -> torch.nn.Module:
     """Fine-tune ``model`` from ``start`` on ``rows``: Adam, cosine-decayed LR, random batches.
 
@@ -195,9 +199,9 @@ def train_fold(model: torch.nn.Module, start: dict, inputs: Inputs, labels: torc
         order = rows[torch.randperm(len(rows), generator=gen).numpy()]
         for step in range(steps_per_epoch):  # whole batches only: BatchNorm needs more than one
             idx = torch.as_tensor(order[step * config.batch:(step + 1) * config.batch],
-                                  device=device)
+                                  device=compute.device)
             x = inputs(idx, gen)
-            with autocast(device):
+            with compute.autocast():
                 loss = F.cross_entropy(model(x), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -208,14 +212,14 @@ def train_fold(model: torch.nn.Module, start: dict, inputs: Inputs, labels: torc
 
 @torch.no_grad()
 def _cached_views(fn: Callable[[torch.Tensor], torch.Tensor], data: FoldData, spec: InputSpec,
-                  device: torch.device) -> torch.Tensor:
+                  compute: Compute) -> torch.Tensor:
     """``fn`` (a frozen trunk or stem) of every image, plain and mirrored: (2, N, ...),
     computed once for all epochs and folds."""
     views = [], []
     for start in range(0, len(data.labels), 128):
-        idx = torch.arange(start, min(start + 128, len(data.labels)), device=device)
-        x = _batch(data, idx, spec, channels_last(device))
-        with autocast(device):
+        idx = torch.arange(start, min(start + 128, len(data.labels)), device=compute.device)
+        x = _batch(data, idx, spec, compute.nhwc)
+        with compute.autocast():
             views[0].append(fn(x).float())
             views[1].append(fn(x.flip(-1)).float())
     return torch.stack([torch.cat(v) for v in views])
@@ -267,7 +271,7 @@ def _fold_frame(data: FoldData, rows: np.ndarray, probs: torch.Tensor, space: La
 
 
 def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
-             manifest: pd.DataFrame, crops: np.ndarray, config: LopoConfig, device: torch.device,
+             manifest: pd.DataFrame, crops: np.ndarray, config: LopoConfig, compute: Compute,
              key: str, on_fold: Callable[[str, pd.DataFrame], None] | None = None
              ) -> tuple[pd.DataFrame, AgeNet]:
     """Predictions for every image from the fold that held its subject out, and a final model
@@ -286,8 +290,8 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
     folds_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stamp, key)
 
-    model = model.to(device, memory_format=memory_format(device))
-    data = FoldData.load(manifest, crops, space, config.input_size, device)
+    model = model.to(compute.device, memory_format=compute.memory_format)
+    data = FoldData.load(manifest, crops, space, config.input_size, compute.device)
     paths = manifest["path"].astype(str).to_numpy()
     subjects = sorted(set(data.subjects))
     fold_file = {s: folds_dir / f"{i:03d}.csv" for i, s in enumerate(subjects)}
@@ -301,9 +305,9 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
             on_fold(subject, frame)
 
     if config.mode == "a":
-        final = _lopo_heads(model, start, data, spec, space, config, device, todo, paths, finished)
+        final = _lopo_heads(model, start, data, spec, space, config, compute, todo, paths, finished)
     else:
-        final = _lopo_finetune(model, start, data, spec, space, config, device, subjects, todo,
+        final = _lopo_finetune(model, start, data, spec, space, config, compute, subjects, todo,
                                paths, finished)
     predictions = pd.concat([pd.read_csv(fold_file[s], dtype={"subject": str}) for s in subjects],
                             ignore_index=True)
@@ -311,18 +315,18 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
 
 
 def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
-                   space: LabelSpace, config: LopoConfig, device: torch.device,
+                   space: LabelSpace, config: LopoConfig, compute: Compute,
                    subjects: list[str], todo: list[str], paths: np.ndarray,
                    finished: Callable[[str, pd.DataFrame], None]) -> AgeNet:
     """Modes b and c: each fold fine-tunes from ``start``: the whole network on augmented
     images, or (``config.train_blocks``) only the trunk's last blocks and the head, on the
     frozen stem's outputs of each image and its mirror image, computed once for all folds."""
-    nhwc = channels_last(device)
+    device, nhwc = compute.device, compute.nhwc
     model.load_state_dict(start)
     if config.train_blocks:
         probe = _batch(data, torch.arange(min(8, len(paths)), device=device), spec, nhwc)
         stem, net = split_trunk(model, config.train_blocks, probe)
-        views = _cached_views(stem, data, spec, device)                  # (2, N, C, h, w)
+        views = _cached_views(stem, data, spec, compute)                 # (2, N, C, h, w)
         net_start = {k: start[k] for k in net.state_dict()}
 
         def inputs(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -345,13 +349,13 @@ def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
         fold = subjects.index(subject)
         held_out = data.subjects == subject
         train_fold(net, net_start, inputs, data.labels, np.flatnonzero(~held_out), config,
-                   device, config.seed * 1_000 + fold)
+                   compute, config.seed * 1_000 + fold)
         rows = np.flatnonzero(held_out)
-        frame = _fold_frame(data, rows, _probabilities(net, both_views, rows, device), space, paths)
+        frame = _fold_frame(data, rows, _probabilities(net, both_views, rows, compute), space, paths)
         finished(subject, frame)
         print(f"fold {fold + 1}/{len(subjects)} ({subject}): "
               f"MAE {(frame['predicted'] - frame['age']).abs().mean():.2f}")
-    train_fold(net, net_start, inputs, data.labels, np.arange(len(paths)), config, device,
+    train_fold(net, net_start, inputs, data.labels, np.arange(len(paths)), config, compute,
                config.seed * 1_000 + len(subjects))
     if net is not model:
         model.load_state_dict({**start, **net.state_dict()})
@@ -359,13 +363,13 @@ def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
 
 
 def _lopo_heads(model: AgeNet, start: dict, data: FoldData, spec: InputSpec, space: LabelSpace,
-                config: LopoConfig, device: torch.device, todo: list[str], paths: np.ndarray,
+                config: LopoConfig, compute: Compute, todo: list[str], paths: np.ndarray,
                 finished: Callable[[str, pd.DataFrame], None]) -> AgeNet:
     """Mode a: all folds' heads (plus the final all-subject head) in groups that fit memory."""
     model.load_state_dict(start)
     freeze_features(model)
     model.eval()
-    features = _cached_views(model.features, data, spec, device)
+    features = _cached_views(model.features, data, spec, compute)
     head_size = sum(p.numel() for p in model.head.parameters())
     group = max(1, config.head_params_budget // (3 * head_size))  # weights + two Adam moments
     jobs: list[str | None] = [*todo, None]                          # None: the final head
@@ -373,7 +377,7 @@ def _lopo_heads(model: AgeNet, start: dict, data: FoldData, spec: InputSpec, spa
         chunk = jobs[first:first + group]
         mask = torch.stack([torch.as_tensor(data.subjects != s if s is not None
                                             else np.ones(len(paths), bool)) for s in chunk])
-        heads = train_heads(model.head, features, data.labels, mask.to(device), config,
+        heads = train_heads(model.head, features, data.labels, mask.to(compute.device), config,
                             config.seed * 1_000 + first)
         for subject, head in zip(chunk, heads):
             if subject is None:
@@ -434,7 +438,9 @@ def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None 
     # these, not from the previous fold's model (which saw this fold's subject)
     start = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
     config.out.mkdir(parents=True, exist_ok=True)
-    predictions, final = run_lopo(model, start, spec, space, manifest, crops, config, device,
+    compute = choose_compute(device, model.arch, config.precision)
+    print(f"computing on {compute.describe()}")
+    predictions, final = run_lopo(model, start, spec, space, manifest, crops, config, compute,
                                   settings_key(config, init, device), on_fold)
 
     # only the whole-network modes zoom (AUGMENT); cached views (mode a, train_blocks) do not

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from agecascade.data.cropper import read_bytes
-from agecascade.data.crops import Box, crop_face, whole_image_box
+from agecascade.data.crops import Box, crop_face, framed_box, whole_image_box
 from agecascade.data.recipe import CropRecipe
 from agecascade.data.detect import AUTO_ORDER, Detection, detect_faces, resolve_detector
 from agecascade.data.imaging import BadImage, decode
@@ -68,11 +68,7 @@ def framed(box: Box, recipe: CropRecipe) -> Box:
     margin window around the box, or, for models trained on whole chips, the chip's measured
     size and position relative to the detector's box."""
     window, offset_x, offset_y = recipe.framing()
-    x0, y0, x1, y1 = box
-    face = max(x1 - x0, y1 - y0)
-    cx, cy = (x0 + x1) / 2 + offset_x * face, (y0 + y1) / 2 + offset_y * face
-    half = window * face / 2
-    return cx - half, cy - half, cx + half, cy + half
+    return framed_box(box, window, (offset_x, offset_y))
 
 
 def cut(image: Image.Image, faces: list[Detection], recipe: CropRecipe) -> np.ndarray:

@@ -10,7 +10,6 @@ state, so on the CPU a resumed run ends with exactly the metrics of an uninterru
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from agecascade.cache import fingerprint
 from agecascade.errors import UserError
 from agecascade.nets.weights import InputSpec
 
+from .compute import Compute
 from .data import IMAGENET, Augment, augment_batch, normalise, to_input, to_unit
 from .degrade import Degrade, degrade_batch
 
@@ -65,23 +65,6 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name}: {err}") from None
 
 
-def channels_last(device: torch.device) -> bool:
-    """NHWC activations on CUDA (tensor-core convolutions); not on the CPU, where this torch
-    build trains MobileNetV2 at 128 px 2.4x slower with them (11 against 27 images/s)."""
-    return device.type == "cuda"
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if channels_last(device) else torch.contiguous_format
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no loss scaling needed); full precision on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def age_distribution(labels: torch.Tensor, classes: int, sigma: float) -> torch.Tensor:
     """(B,) class indices -> (B, classes) soft targets: a Gaussian of ``sigma`` classes (years)
     around each label, renormalised over the label space. Unlike one-hot cross-entropy it
@@ -92,11 +75,14 @@ def age_distribution(labels: torch.Tensor, classes: int, sigma: float) -> torch.
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, config: TrainConfig, epoch: int) -> dict[str, float]:
+                    compute: Compute, config: TrainConfig, epoch: int) -> dict[str, float]:
+    """One pass over ``loader``. The loss is summed on the device and read once at the end: a
+    ``.item()`` per step would make the host wait for every step on a GPU."""
     model.train()
+    device = compute.device
     gen = torch.Generator().manual_seed(config.seed * 7_919 + epoch)
-    nhwc = channels_last(device)
-    total, seen, start = 0.0, 0, time.perf_counter()
+    total = torch.zeros((), device=device)
+    seen, start = 0, time.perf_counter()
     for step, (images, labels) in enumerate(loader):
         if config.max_train_batches and step >= config.max_train_batches:
             break
@@ -105,8 +91,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         x = to_unit(images, config.input_size)
         if config.degrade.active:
             x = degrade_batch(x, config.degrade, gen)
-        x = augment_batch(normalise(x, config.input_spec, nhwc), config.augment, gen)
-        with autocast(device):
+        x = augment_batch(normalise(x, config.input_spec, compute.nhwc), config.augment, gen)
+        with compute.autocast():
             logits = model(x)
         target = age_distribution(labels, logits.shape[1], config.label_sigma) \
             if config.label_sigma > 0 else labels
@@ -114,24 +100,24 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(labels)
+        total += loss.detach() * len(labels)
         seen += len(labels)
     if seen == 0:
         raise UserError("the training split is empty")
-    return {"train_loss": total / seen, "train_images_per_s": seen / (time.perf_counter() - start)}
+    train_loss = total.item() / seen   # the one host sync of the epoch, before the clock stops
+    return {"train_loss": train_loss, "train_images_per_s": seen / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, input_size: int,
+def predict(model: nn.Module, loader: DataLoader, compute: Compute, input_size: int,
             ages: torch.Tensor, spec: InputSpec = IMAGENET
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (N,K) float32, labels (N,), DEX ages (N,)) over a loader, in loader order."""
     model.eval()
-    nhwc = channels_last(device)
     all_logits, all_labels = [], []
     for images, labels in loader:
-        x = to_input(images.to(device, non_blocking=True), input_size, nhwc, spec)
-        with autocast(device):
+        x = to_input(images.to(compute.device, non_blocking=True), input_size, compute.nhwc, spec)
+        with compute.autocast():
             logits = model(x)
         all_logits.append(logits.float().cpu())
         all_labels.append(labels)
@@ -139,9 +125,9 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, input_si
     return logits, labels, logits.softmax(dim=1) @ ages.cpu()
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, input_size: int,
+def evaluate(model: nn.Module, loader: DataLoader, compute: Compute, input_size: int,
              ages: torch.Tensor, spec: InputSpec = IMAGENET) -> dict[str, float]:
-    logits, labels, predicted = predict(model, loader, device, input_size, ages, spec)
+    logits, labels, predicted = predict(model, loader, compute, input_size, ages, spec)
     true_age = ages.cpu()[labels]
     return {"val_loss": F.cross_entropy(logits, labels).item(),
             "val_mae": (predicted - true_age).abs().mean().item()}
@@ -169,7 +155,7 @@ def _save_best(out: Path, best: dict, meta: dict) -> None:
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages: torch.Tensor,
-        optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device, out: Path,
+        optimizer: torch.optim.Optimizer, config: TrainConfig, compute: Compute, out: Path,
         meta: dict, on_epoch: Callable[[int, dict], None] | None = None,
         key: str | None = None) -> list[dict]:
     """Train ``config.epochs`` epochs; keep the lowest-val-MAE weights in ``out/model.pt``.
@@ -190,7 +176,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
                                                            patience=config.patience)
     history: list[dict] = []
     start_epoch, best = 0, None
-    state = torch.load(out / LAST, map_location=device, weights_only=True) \
+    state = torch.load(out / LAST, map_location=compute.device, weights_only=True) \
         if (out / LAST).exists() else None
     if state is not None and state.get("key") != key:
         print(f"{out / LAST} is from other weights, data, code or settings: training afresh")
@@ -206,8 +192,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
 
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(model, train_loader, optimizer, device, config, epoch)
-        metrics |= evaluate(model, val_loader, device, config.input_size, ages, config.input_spec)
+        metrics = train_one_epoch(model, train_loader, optimizer, compute, config, epoch)
+        metrics |= evaluate(model, val_loader, compute, config.input_size, ages, config.input_spec)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step(metrics["val_loss"])
         history.append({"epoch": epoch + 1, **metrics})

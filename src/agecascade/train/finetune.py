@@ -29,8 +29,8 @@ from agecascade.train.cascade import MODES, inherited_labels, model_from_init, r
 from agecascade.train.data import (IMAGENET, LabelSpace, assign_split, balance_weights,
                                    label_space_for, make_loader)
 from agecascade.train.degrade import Degrade
-from agecascade.train.engine import (TrainConfig, adam, evaluate, fit, memory_format,
-                                     pick_device)
+from agecascade.train.compute import PRECISIONS, Compute, choose_compute
+from agecascade.train.engine import TrainConfig, adam, evaluate, fit, pick_device
 
 # The settings tune.py's best.json chooses (`agecascade train --hparams`).
 HPARAMS = ("lr", "batch")
@@ -72,6 +72,9 @@ class FinetuneConfig:
     seed: int = option(0)
     workers: int = option(0, help="data-loader processes")
     device: str = device_option()
+    precision: str = option("auto", choices=PRECISIONS,
+                            help="auto: bf16 autocast on CUDA, and on the CPU for the backbones "
+                                 "where it measured faster; fp32: full precision throughout")
     out: Path = option(help="folder of model.pt, metrics.json and history.csv")
 
     def __post_init__(self) -> None:
@@ -171,7 +174,9 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
         spec = model.load_report.input_spec if model.load_report else IMAGENET
     if config.mode == "a":
         freeze_features(model)
-    model = model.to(device, memory_format=memory_format(device))
+    compute = choose_compute(device, model.arch, config.precision)
+    print(f"computing on {compute.describe()}")
+    model = model.to(device, memory_format=compute.memory_format)
     loop = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch,
                        patience=config.patience, input_size=config.input_size, seed=config.seed,
                        max_train_batches=config.max_train_batches, input_spec=spec,
@@ -190,16 +195,16 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
             "input_size": config.input_size, "init": str(config.init or ""), "seed": config.seed,
             "val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
             "crop": asdict(crop_recipe(config.manifest, loop.augment.mean_zoom))}
-    history = fit(model, train_loader, val_loader, ages, optimizer, loop, device, config.out,
+    history = fit(model, train_loader, val_loader, ages, optimizer, loop, compute, config.out,
                   meta, on_epoch, start.key)
-    return finish(config, model, history, crops, labels, rows, ages, device, space), model
+    return finish(config, model, history, crops, labels, rows, ages, compute, space), model
 
 
 def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np.ndarray,
            labels: np.ndarray, rows: dict[str, np.ndarray], ages: torch.Tensor,
-           device: torch.device, space: LabelSpace) -> dict:
+           compute: Compute, space: LabelSpace) -> dict:
     """Score the kept (lowest val MAE) weights; write metrics.json and history.csv."""
-    best = torch.load(config.out / "model.pt", map_location=device, weights_only=True)
+    best = torch.load(config.out / "model.pt", map_location=compute.device, weights_only=True)
     model.load_state_dict(best["model"])
     values = np.asarray(space.values)
     median = np.median(values[labels[rows["train"]]])
@@ -210,7 +215,7 @@ def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np
                 "n_val": int(len(rows["val"]))}
     if len(rows["test"]):
         loader = make_loader(crops, labels, rows["test"], 64, False, 0, 0, False)
-        scores = evaluate(model, loader, device, config.input_size, ages,
+        scores = evaluate(model, loader, compute, config.input_size, ages,
                           input_spec(best["meta"]))
         summary |= {"test_loss": scores["val_loss"], "test_mae": scores["val_mae"],
                     "n_test": int(len(rows["test"]))}
