@@ -60,7 +60,7 @@ from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
 from agecascade.train.cascade import model_from_init, read_init
 from agecascade.train.data import assign_split, make_loader, to_input
-from agecascade.train.compute import PRECISIONS, Compute, choose_compute
+from agecascade.train.compute import Compute, choose_compute, precision_option
 from agecascade.train.engine import (TrainConfig, adam, clear_resume_point, fit, pick_device,
                                      predict)
 
@@ -98,9 +98,7 @@ class AdienceConfig:
     seed: int = option(0)
     workers: int = option(0, help="data-loader processes (full fine-tune)")
     device: str = device_option()
-    precision: str = option("auto", choices=PRECISIONS,
-                            help="auto: bf16 autocast on CUDA, and on the CPU for the backbones "
-                                 "where it measured faster; fp32: full precision throughout")
+    precision: str = precision_option()
     out: Path = option(help="folder of metrics.json, folds.csv, classes.csv and folds/")
 
     def __post_init__(self) -> None:

@@ -48,7 +48,7 @@ from agecascade.nets.weights import InputSpec
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
 from agecascade.train.data import (IMAGENET, Augment, LabelSpace, augment_batch, label_space_for,
                                    normalise, to_unit)
-from agecascade.train.compute import PRECISIONS, Compute, choose_compute
+from agecascade.train.compute import Compute, choose_compute, precision_option
 from agecascade.train.engine import adam, pick_device
 
 FOLDS_DIR = "folds"
@@ -83,9 +83,7 @@ class LopoConfig:
                                                        "(the folds' heads train in groups that "
                                                        "fit)")
     device: str = device_option()
-    precision: str = option("auto", choices=PRECISIONS,
-                            help="auto: bf16 autocast on CUDA, and on the CPU for the backbones "
-                                 "where it measured faster; fp32: full precision throughout")
+    precision: str = precision_option()
     out: Path = option(help="folder of predictions.csv, folds.csv, metrics.json and model.pt")
 
     def __post_init__(self) -> None:

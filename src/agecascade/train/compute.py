@@ -13,9 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
+from agecascade.config import option
 from agecascade.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def precision_option():
+    """The ``--precision`` every stage that trains a network takes."""
+    return option("auto", choices=PRECISIONS,
+                  help="auto: bf16 autocast on CUDA, and on the CPU for the backbones where it "
+                       "measured faster; fp32: full precision throughout")
 
 # CPU training choices per architecture: (bf16 autocast, channels_last), from
 # benchmarks/train_throughput.py --all-variants at 128 px on a 2-core AVX512-BF16 machine (the

@@ -29,7 +29,7 @@ from agecascade.train.cascade import MODES, inherited_labels, model_from_init, r
 from agecascade.train.data import (IMAGENET, LabelSpace, assign_split, balance_weights,
                                    label_space_for, make_loader)
 from agecascade.train.degrade import Degrade
-from agecascade.train.compute import PRECISIONS, Compute, choose_compute
+from agecascade.train.compute import Compute, choose_compute, precision_option
 from agecascade.train.engine import TrainConfig, adam, evaluate, fit, pick_device
 
 # The settings tune.py's best.json chooses (`agecascade train --hparams`).
@@ -72,9 +72,7 @@ class FinetuneConfig:
     seed: int = option(0)
     workers: int = option(0, help="data-loader processes")
     device: str = device_option()
-    precision: str = option("auto", choices=PRECISIONS,
-                            help="auto: bf16 autocast on CUDA, and on the CPU for the backbones "
-                                 "where it measured faster; fp32: full precision throughout")
+    precision: str = precision_option()
     out: Path = option(help="folder of model.pt, metrics.json and history.csv")
 
     def __post_init__(self) -> None:
