@@ -138,7 +138,7 @@ def test_auto_takes_the_first_installed_of_the_measured_order(monkeypatch):
 
 def test_each_thread_loads_its_own_detector():
     """dlib's and OpenCV's detector objects must not be shared by threads."""
-    @detect._per_thread
+    @detect.per_thread
     def load():
         return object()
     here = load()

@@ -198,7 +198,27 @@ def test_auto_uses_the_detector_that_framed_the_training_crops(tmp_path, capsys)
     model = write_checkpoint(tmp_path / "haar.pt", seed=0, crop={**RECIPE, "box_source": "haar"})
     photo = write_image(tmp_path / "a.png", fmt="PNG")
     assert predict(photo, "--model", model, "--workers", "1", "--out", tmp_path / "r.jsonl") == 0
-    assert "detector haar)" in capsys.readouterr().err
+    assert "detector haar, framing box)" in capsys.readouterr().err
+
+
+def test_a_model_of_aligned_chips_gets_aligned_faces_or_a_warning(tmp_path, capsys, monkeypatch):
+    """A recipe with a landmark template frames faces by their landmarks; without dlib's shape
+    predictor, predict says so and falls back to the box window instead of failing."""
+    pytest.importorskip("face_recognition_models")
+    import agecascade.inference.faces as faces_module
+
+    photo = sorted((shared_dataset("fgnet-dev") / "images").glob("*.JPG"))[0]
+    template = [[0.77, 0.3], [0.61, 0.31], [0.22, 0.3], [0.37, 0.31], [0.49, 0.59]]
+    crop = {**RECIPE, "box_policy": "image", "box_source": "dlib", "window": 1.1,
+            "template": template}
+    model = write_checkpoint(tmp_path / "chips.pt", seed=0, crop=crop)
+    argv = (photo, "--model", model, "--workers", "1", "--out", tmp_path / "r.jsonl")
+    assert predict(*argv) == 0
+    assert "detector dlib, framing landmarks)" in capsys.readouterr().err
+    monkeypatch.setattr(faces_module, "landmarks_available", lambda: False)
+    with pytest.warns(UserWarning, match="shape predictor is not installed"):
+        assert predict(*argv) == 0
+    assert "framing box)" in capsys.readouterr().err
 
 
 def test_flip_averages_a_face_with_its_mirror_image(checkpoint):

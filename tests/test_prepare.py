@@ -333,6 +333,13 @@ def test_whole_chip_crops_record_how_they_frame_the_face(tmp_path):
     recipe = crop_recipe(tmp_path / "out")
     assert (recipe.box_policy, recipe.box_source, recipe.window) == ("image", "dlib",
                                                                      framing["window"])
+    # where dlib's five landmarks sit in the chips: eye corners level, above the nose base
+    pytest.importorskip("face_recognition_models")
+    template = np.array(framing["template"])
+    assert framing["template_measured"] == framing["measured"] and template.shape == (5, 2)
+    assert ((0.1 < template) & (template < 0.9)).all() and np.ptp(template[:4, 1]) < 0.05
+    assert template[4, 1] > template[:4, 1].max() + 0.1
+    assert recipe.template == tuple(map(tuple, template))
 
 
 def _checkpoint_with_recipe(path: Path, **recipe) -> Path:
@@ -344,11 +351,23 @@ def _checkpoint_with_recipe(path: Path, **recipe) -> Path:
     return path
 
 
-def test_like_cuts_the_crops_predict_cuts_and_records_their_framing(tmp_path):
-    """`prepare --like MODEL` frames each face as MODEL's training crops framed theirs, so a
-    fine-tune of MODEL on this store starts from the view it knows: the very crops `predict`
-    cuts for MODEL. A photo without a face falls back to the box policy, counted."""
+UTK_TEMPLATE = ((0.7675, 0.3025), (0.6125, 0.3125), (0.2175, 0.3025), (0.3725, 0.3125),
+                (0.4925, 0.5925))
+
+
+@pytest.mark.parametrize("template", [(), UTK_TEMPLATE], ids=["box window", "landmarks"])
+def test_like_cuts_the_crops_predict_cuts_and_records_their_framing(tmp_path, template):
+    """`prepare --like MODEL` frames each face as MODEL's training crops framed theirs (by the
+    box window, or by aligning the landmarks on MODEL's template), so a fine-tune of MODEL on
+    this store starts from the view it knows: the very crops `predict` cuts for MODEL, and for
+    the fine-tuned model. A photo without a face falls back to the box policy, counted."""
     pytest.importorskip("dlib")
+    if template:
+        pytest.importorskip("face_recognition_models")
+    import torch
+
+    from agecascade.data.landmarks import zoomed
+    from agecascade.data.recipe import CropRecipe
     from conftest import shared_dataset
 
     from agecascade.data.store import crop_recipe
@@ -361,7 +380,8 @@ def test_like_cuts_the_crops_predict_cuts_and_records_their_framing(tmp_path):
         (root / chip.name).symlink_to(chip)
     Image.new("RGB", (200, 200), (128, 128, 128)).save(root / "30_0_0_20170101000000000.jpg.chip.jpg")
     model = _checkpoint_with_recipe(tmp_path / "model.pt", box_policy="image", size=64,
-                                    box_source="dlib", window=1.2, offset=(0.0, 0.05), zoom=0.9)
+                                    box_source="dlib", window=1.2, offset=(0.0, 0.05), zoom=0.9,
+                                    template=template)
     assert main(["prepare", "utkface", "--root", str(root), "--out", str(tmp_path / "out"),
                  "--size", "64", "--like", str(model), "--workers", "1"]) == 0
     manifest, crops = load_prepared(tmp_path / "out")
@@ -374,9 +394,13 @@ def test_like_cuts_the_crops_predict_cuts_and_records_their_framing(tmp_path):
     recipe = crop_recipe(tmp_path / "out")
     settings = FaceSettings(recipe, detector="dlib")
     assert (recipe.box_source, recipe.framing()) == ("dlib", (1.2 * 0.9, 0.0, 0.05))
+    assert np.allclose(recipe.template, zoomed(template, 0.9) if template else ())
     for row in np.flatnonzero(detected):
+        model_view = analyse_file(str(root / manifest["path"][row]),
+                                  FaceSettings(CropRecipe(**torch.load(model)["meta"]["crop"]),
+                                               detector="dlib")).crops[0]
         served = analyse_file(str(root / manifest["path"][row]), settings).crops[0]
-        assert np.array_equal(served, crops[row])
+        assert np.array_equal(model_view, crops[row]) and np.array_equal(served, crops[row])
 
 
 def test_like_refuses_a_model_trained_on_margin_crops(tmp_path, capsys):

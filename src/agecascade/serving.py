@@ -50,7 +50,7 @@ from PIL import Image
 
 from agecascade.data.imaging import upright_rgb
 from agecascade.errors import MissingInput, UserError
-from agecascade.inference.faces import FaceSettings, ImageFaces, analyse_bytes, rows
+from agecascade.inference.faces import FaceSettings, ImageFaces, analyse_bytes, cutting, rows
 from agecascade.inference.predictor import Predictor, TorchEngine
 from agecascade.nets.checkpoint import load_checkpoint
 from agecascade.registry import DIGEST_TAG, MODEL_TYPE, NAME, REFERENCE
@@ -204,8 +204,10 @@ class AgeEstimator(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise UserError("expected a DataFrame with a binary column 'image' (encoded image "
                             "bytes); for face-crop arrays use predict_crops")
-        settings = FaceSettings(self.predictor.recipe, str(params.get("detector", "auto")),
-                                int(params.get("min_face", 0)), MAX_PIXELS, MAX_BYTES)
+        detector = str(params.get("detector", "auto"))
+        recipe, _ = cutting(self.predictor.recipe, detector)
+        settings = FaceSettings(recipe, detector, int(params.get("min_face", 0)), MAX_PIXELS,
+                                MAX_BYTES)
         found = [_analyse(value, i, settings) for i, value in enumerate(model_input["image"])]
         crops = [f.crops for f in found if not f.error and f.faces]
         estimates, probs = self.predictor.estimate(np.concatenate(crops)) if crops else ({}, None)

@@ -37,6 +37,7 @@ def main(args: argparse.Namespace) -> int:
     summary = run(config, Predictor(engine, config.batch, config.flip), annotator)
     where = f"; rows in {config.out}" if config.out else ""
     drawn = f"; {annotator.written} annotated images in {config.annotate}" if annotator else ""
-    print(f"predict ({engine.name}, detector {summary.detector}): {summary.line()}{where}{drawn}",
+    print(f"predict ({engine.name}, detector {summary.detector}, framing {summary.framing}): "
+          f"{summary.line()}{where}{drawn}",
           file=sys.stderr)
     return 0

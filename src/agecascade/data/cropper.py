@@ -18,6 +18,7 @@ import numpy as np
 from .crops import crop_face, framed_box, margin_box, whole_image_box
 from .detect import available_detectors, detect_face, detect_faces
 from .imaging import BadImage, decode, orient_box
+from .landmarks import aligned_crop, five_points
 
 # A face box may stick out of a tight crop, but not by this much: beyond it the annotation is
 # broken (a dataset box 1e5 px wide on a 100 px image), not a face.
@@ -26,10 +27,13 @@ MAX_BOX_TO_IMAGE = 2.0
 
 @dataclass(frozen=True)
 class Like:
-    """A model's framing of a face (``CropRecipe.framing``): the window its detector's box gets."""
+    """A model's framing of a face (``CropRecipe.framing``): the window its detector's box gets,
+    or, with a ``template`` (aligned chips), the warp of the face's landmarks onto it."""
     detector: str
     window: float
     offset: tuple[float, float]
+    template: tuple[tuple[float, float], ...] = ()
+    zoom: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,9 +66,9 @@ class CropResult:
     width: int = 0
     height: int = 0
     sha1: str = ""
-    # whole-image crops only: where the detector finds the face in the crop window, as
-    # (window side / box side, x offset, y offset, detector); None when it finds none
-    framing: tuple[float, float, float, str] | None = None
+    # whole-image crops only: where the detector finds the face in the crop window (see
+    # face_framing); None when it finds none
+    framing: Framing | None = None
 
 
 def _usable(box: tuple[float, float, float, float], width: int, height: int) -> bool:
@@ -119,8 +123,7 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
     if settings.like is not None:
         faces = detect_faces(image, settings.like.detector)
         if faces:  # the largest face, framed as the model's training crops framed theirs
-            window = framed_box(faces[0].box, settings.like.window, settings.like.offset)
-            return CropResult(crop=crop_face(image, window, 0.0, settings.size), notes=notes,
+            return CropResult(crop=_like_crop(image, faces[0].box, settings), notes=notes,
                               box=tuple(float(v) for v in faces[0].box),
                               box_source=settings.like.detector, **meta)
         notes.append(("no_face_found", f"{settings.like.detector} found none: the dataset box "
@@ -153,15 +156,40 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
     )
 
 
-def face_framing(image) -> tuple[float, float, float, str] | None:
+def _like_crop(image, box: tuple[float, float, float, float], settings: CropSettings) -> np.ndarray:
+    """The face in ``box`` cut as ``predict`` cuts it for the --like model
+    (``inference.faces.cut``): aligned on the template when the model has one."""
+    like = settings.like
+    points = five_points(image, box) if like.template else None
+    if points is not None:
+        return aligned_crop(image, points, np.array(like.template), like.zoom, settings.size)
+    return crop_face(image, framed_box(box, like.window, like.offset), 0.0, settings.size)
+
+
+@dataclass(frozen=True)
+class Framing:
     """How a whole-image crop frames its face: the crop window's side over the detector box's
-    side, and the window centre's offset from the box centre in box sides. ``predict`` frames a
-    detected face the same way, so a model trained on whole chips sees chip-like crops."""
+    side, the window centre's offset from the box centre in box sides, the detector, and the
+    five landmarks in crop sides (None without the shape predictor)."""
+    window: float
+    offset: tuple[float, float]
+    detector: str
+    landmarks: tuple[tuple[float, float], ...] | None
+
+
+def face_framing(image) -> Framing | None:
+    """How a whole-image crop frames its face. ``predict`` frames a detected face the same way
+    (by the landmarks where measured, else by the box), so a model trained on whole chips sees
+    chip-like crops."""
     found = detect_face(image)
     if found is None:
         return None
-    (x0, y0, x1, y1), detector = found
+    box, detector = found
+    x0, y0, x1, y1 = box
     left, top, right, _ = margin_box(whole_image_box(image), 0.0)
     side, face = right - left, max(x1 - x0, y1 - y0)
-    return (side / face, (left + side / 2 - (x0 + x1) / 2) / face,
-            (top + side / 2 - (y0 + y1) / 2) / face, detector)
+    points = five_points(image, box)
+    return Framing(side / face, ((left + side / 2 - (x0 + x1) / 2) / face,
+                                 (top + side / 2 - (y0 + y1) / 2) / face), detector,
+                   None if points is None else tuple((float(x - left) / side, float(y - top) / side)
+                                                     for x, y in points))

@@ -65,7 +65,7 @@ SCORES = {
 }
 
 
-def _per_thread(load: Callable[[], T]) -> Callable[[], T]:
+def per_thread(load: Callable[[], T]) -> Callable[[], T]:
     """``load()`` once per thread, and so once per worker process: dlib's and OpenCV's detector
     objects are not thread-safe."""
     local = threading.local()
@@ -78,7 +78,7 @@ def _per_thread(load: Callable[[], T]) -> Callable[[], T]:
     return get
 
 
-@_per_thread
+@per_thread
 def _dlib_detector():
     try:
         import dlib
@@ -87,7 +87,7 @@ def _dlib_detector():
     return dlib.get_frontal_face_detector()
 
 
-@_per_thread
+@per_thread
 def _haar_detector():
     try:
         import cv2
@@ -97,7 +97,7 @@ def _haar_detector():
     return None if cascade.empty() else cascade
 
 
-@_per_thread
+@per_thread
 def _mtcnn_detector():
     try:
         from facenet_pytorch import MTCNN
@@ -211,7 +211,7 @@ def _run_haar(copy: Image.Image, min_side: int) -> list[tuple[Box, float, tuple 
 
 def _run_mtcnn(copy: Image.Image, min_side: int) -> list[tuple[Box, float, tuple | None]]:
     mtcnn = _mtcnn_detector()
-    mtcnn.min_face_size = min_side  # this thread's own instance (_per_thread)
+    mtcnn.min_face_size = min_side  # this thread's own instance (per_thread)
     boxes, probs, points = mtcnn.detect(copy.convert("RGB"), landmarks=True)
     if boxes is None:
         return []

@@ -32,10 +32,11 @@ from agecascade.config import option
 from agecascade.errors import MissingInput, UserError
 
 from .adapters import ADAPTERS, get_adapter
-from .cropper import CropJob, CropResult, CropSettings, Like, crop_file
+from .cropper import CropJob, CropResult, CropSettings, Framing, Like, crop_file
 from .recipe import BOX_POLICIES, CropRecipe
 from .detect import available_detectors, resolve_detector
 from .imaging import DEFAULT_MAX_PIXELS
+from .landmarks import zoomed
 from .report import DropReport
 from .store import COUNTS, CROPS, MANIFEST, REPORT, create_store, shrink_store
 
@@ -108,7 +109,8 @@ def framing_of(checkpoint: Path) -> Like:
         raise UserError(f"--like {checkpoint}: its crops were cut around face boxes with a margin "
                         f"of {recipe.margin:g}; prepare with --margin {recipe.margin:g} instead")
     window, offset_x, offset_y = recipe.framing()
-    return Like(resolve_detector(recipe.box_source), window, (offset_x, offset_y))
+    return Like(resolve_detector(recipe.box_source), window, (offset_x, offset_y),
+                recipe.template, recipe.zoom)
 
 
 class WorkerDied(UserError):
@@ -213,16 +215,20 @@ def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport, config: P
     return final, framing_summary(framings)
 
 
-def framing_summary(framings: list[tuple[float, float, float, str]]) -> dict | None:
+def framing_summary(framings: list[Framing]) -> dict | None:
     """The median framing of whole-image crops (see ``cropper.face_framing``), measured with
-    the commonest detector only: detectors differ in how much of a face their box takes."""
+    the commonest detector only: detectors differ in how much of a face their box takes. The
+    landmark template is the median over the crops where the shape predictor ran."""
     if not framings:
         return None
-    detector = pd.Series([f[3] for f in framings]).mode().iloc[0]
-    values = np.array([f[:3] for f in framings if f[3] == detector])
-    window, offset_x, offset_y = np.median(values, axis=0)
+    detector = pd.Series([f.detector for f in framings]).mode().iloc[0]
+    chosen = [f for f in framings if f.detector == detector]
+    window, offset_x, offset_y = np.median([(f.window, *f.offset) for f in chosen], axis=0)
+    landmarks = np.array([f.landmarks for f in chosen if f.landmarks is not None])
+    template = np.median(landmarks, axis=0).round(5).tolist() if len(landmarks) else []
     return {"window": float(window), "offset": [float(offset_x), float(offset_y)],
-            "detector": str(detector), "measured": int(len(values))}
+            "detector": str(detector), "measured": len(chosen), "template": template,
+            "template_measured": len(landmarks)}
 
 
 def run(config: PrepareConfig) -> DropReport:
@@ -241,6 +247,8 @@ def run(config: PrepareConfig) -> DropReport:
         like = settings.like
         framing = {"window": like.window, "offset": list(like.offset), "detector": like.detector,
                    "measured": int((final["box_source"] == like.detector).sum()),
+                   # the landmarks' place in these crops, which show the model's zoom
+                   "template": zoomed(like.template, like.zoom).tolist() if like.template else [],
                    "like": str(config.like)}
     report.crops = {"file": CROPS, "shape": [len(final), settings.size, settings.size, 3],
                     "dtype": "uint8", "margin": settings.margin, "box_policy": settings.box_policy,

@@ -34,6 +34,15 @@ class CropRecipe:
     # that zoom shows the network the typical training view, not the widest one (UTKFace test
     # chips: MAE 4.90 whole, 4.64 at a 0.9 zoom; docs/zero-shot.md).
     zoom: float = 1.0
+    # Aligned chips only: where dlib's five landmarks sit in the stored crops (crop sides, x
+    # right, y down; median over the chips, as ``prepare --box image`` measured them). When set,
+    # ``predict`` warps each face so that its landmarks land there (``landmarks.aligned_crop``)
+    # instead of framing the box: a closer match to the chips (docs/zero-shot.md).
+    template: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:  # a checkpoint or JSON gives lists
+        object.__setattr__(self, "offset", tuple(float(v) for v in self.offset))
+        object.__setattr__(self, "template", tuple((float(x), float(y)) for x, y in self.template))
 
     def framing(self) -> tuple[float, float, float]:
         """(crop side / face box side, x offset, y offset) of the face as the network saw it

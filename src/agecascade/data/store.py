@@ -68,7 +68,8 @@ def crop_recipe(folder: Path, zoom: float = 1.0) -> CropRecipe:
             return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
                               size=int(crops["shape"][1]), box_source=str(framing["detector"]),
                               window=float(framing["window"]),
-                              offset=tuple(float(v) for v in framing["offset"]), zoom=zoom)
+                              offset=tuple(framing["offset"]), zoom=zoom,
+                              template=tuple(framing.get("template", ())))
         return CropRecipe(margin=float(crops["margin"]), box_policy=str(crops["box_policy"]),
                           size=int(crops["shape"][1]), box_source=_box_source(folder), zoom=zoom)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:

@@ -1,14 +1,17 @@
 """A photo -> its faces -> their crops, with the decode, box and crop code of ``prepare``.
 
 Every face is cut as the model's training crops were (its :class:`CropRecipe`): a square window
-around the detector's box, grown by the recipe's margin, resized to the recipe's size. With the
+around the detector's box, grown by the recipe's margin, resized to the recipe's size; or, for a
+model trained on aligned chips, the face warped so that its five landmarks sit where the chips
+had theirs (when dlib's shape predictor is installed; else the box window). With the
 detector ``none`` the whole image is the face, for users who bring their own crops. Nothing here
 raises for a bad file: it becomes a named ``error``, so one file cannot stop a run.
 """
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from agecascade.data.crops import Box, crop_face, framed_box, whole_image_box
 from agecascade.data.recipe import CropRecipe
 from agecascade.data.detect import AUTO_ORDER, Detection, detect_faces, resolve_detector
 from agecascade.data.imaging import BadImage, decode
+from agecascade.data.landmarks import aligned_crop, five_points, landmarks_available
 from agecascade.errors import UserError
 
 NO_DETECTOR = "none"
@@ -57,6 +61,22 @@ def detector_for(requested: str, recipe: CropRecipe) -> str:
     return requested
 
 
+def cutting(recipe: CropRecipe, detector: str) -> tuple[CropRecipe, str]:
+    """The recipe faces will be cut by, and how: "landmarks", "box" or "whole image". A model of
+    aligned chips falls back to its box window, with a warning, where the shape predictor is
+    not installed."""
+    if detector == NO_DETECTOR:
+        return recipe, "whole image"
+    if not recipe.template:
+        return recipe, "box"
+    if landmarks_available():
+        return recipe, "landmarks"
+    warnings.warn("this model was trained on aligned chips, but dlib's 5-point shape predictor is "
+                  "not installed (pip install 'agecascade[faces]'): faces are framed by their "
+                  "box instead, which is less accurate (docs/zero-shot.md)", stacklevel=2)
+    return replace(recipe, template=()), "box"
+
+
 def find_faces(image: Image.Image, settings: FaceSettings) -> list[Detection]:
     if settings.detector == NO_DETECTOR:
         return [Detection(whole_image_box(image), 1.0, NO_DETECTOR)]
@@ -76,8 +96,15 @@ def cut(image: Image.Image, faces: list[Detection], recipe: CropRecipe) -> np.nd
     "face" (detector none) is the crop itself, as ``prepare`` crops an image without a box."""
     crops = np.zeros((len(faces), recipe.size, recipe.size, 3), np.uint8)
     for i, face in enumerate(faces):
-        box = face.box if face.detector == NO_DETECTOR else framed(face.box, recipe)
-        crops[i] = crop_face(image, box, 0.0, recipe.size)
+        if face.detector == NO_DETECTOR:
+            crops[i] = crop_face(image, face.box, 0.0, recipe.size)
+            continue
+        points = five_points(image, face.box) if recipe.template else None
+        if points is not None:
+            crops[i] = aligned_crop(image, points, np.array(recipe.template), recipe.zoom,
+                                    recipe.size)
+        else:
+            crops[i] = crop_face(image, framed(face.box, recipe), 0.0, recipe.size)
     return crops
 
 

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from agecascade.config import device_option, option
 from agecascade.data.detect import DETECTORS, resolve_detector
 from agecascade.errors import UserError
-from agecascade.inference.faces import NO_DETECTOR, FaceSettings, ImageFaces, detector_for, rows
+from agecascade.inference.faces import (NO_DETECTOR, FaceSettings, ImageFaces, cutting,
+                                        detector_for, rows)
 from agecascade.inference.predictor import Predictor
 from agecascade.inference.sources import analyse_safely, expand, is_video, worker_init
 
@@ -73,6 +74,7 @@ class PredictConfig:
 @dataclass
 class Summary:
     detector: str = ""       # the detector that ran ("auto" resolved)
+    framing: str = ""        # how faces were cut: "landmarks", "box" or "whole image"
     files: int = 0
     images: int = 0          # photos plus sampled video frames
     faces: int = 0
@@ -145,10 +147,11 @@ def run(config: PredictConfig, predictor: Predictor,
     files = expand(config.inputs)
     detector = (NO_DETECTOR if config.detector == NO_DETECTOR  # fails here, not in each worker
                 else resolve_detector(detector_for(config.detector, predictor.recipe)))
-    settings = FaceSettings(predictor.recipe, detector, config.min_face, config.max_pixels,
+    recipe, framing = cutting(predictor.recipe, detector)
+    settings = FaceSettings(recipe, detector, config.min_face, config.max_pixels,
                             int(config.max_file_mb * 2**20))
     workers = config.workers or os.cpu_count() or 1
-    summary = Summary(detector=detector, files=len(files))
+    summary = Summary(detector=detector, files=len(files), framing=framing)
     started = time.perf_counter()
     out = stream or sys.stdout
     handle = None
