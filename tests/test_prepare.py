@@ -403,6 +403,19 @@ def test_like_cuts_the_crops_predict_cuts_and_records_their_framing(tmp_path, te
         assert np.array_equal(model_view, crops[row]) and np.array_equal(served, crops[row])
 
 
+def test_like_refuses_to_align_without_the_shape_predictor(tmp_path, capsys, monkeypatch):
+    """A --like model that aligns faces by landmarks cannot be imitated by box windows: the
+    store would record an alignment its crops do not have."""
+    import agecascade.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "landmarks_available", lambda: False)
+    model = _checkpoint_with_recipe(tmp_path / "model.pt", box_policy="image", box_source="dlib",
+                                    window=1.1, template=UTK_TEMPLATE)
+    assert main(["prepare", "utkface", "--root", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--like", str(model)]) == 2
+    assert "shape predictor is not installed" in capsys.readouterr().err
+
+
 def test_like_refuses_a_model_trained_on_margin_crops(tmp_path, capsys):
     model = _checkpoint_with_recipe(tmp_path / "model.pt", margin=0.3)
     assert main(["prepare", "utkface", "--root", str(tmp_path), "--out", str(tmp_path / "out"),

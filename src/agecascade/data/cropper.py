@@ -18,7 +18,7 @@ import numpy as np
 from .crops import crop_face, framed_box, margin_box, whole_image_box
 from .detect import available_detectors, detect_face, detect_faces
 from .imaging import BadImage, decode, orient_box
-from .landmarks import aligned_crop, five_points
+from .landmarks import aligned_crop, five_points, landmarks_available
 
 # A face box may stick out of a tight crop, but not by this much: beyond it the annotation is
 # broken (a dataset box 1e5 px wide on a 100 px image), not a face.
@@ -160,9 +160,9 @@ def _like_crop(image, box: tuple[float, float, float, float], settings: CropSett
     """The face in ``box`` cut as ``predict`` cuts it for the --like model
     (``inference.faces.cut``): aligned on the template when the model has one."""
     like = settings.like
-    points = five_points(image, box) if like.template else None
-    if points is not None:
-        return aligned_crop(image, points, np.array(like.template), like.zoom, settings.size)
+    if like.template:
+        return aligned_crop(image, five_points(image, box), np.array(like.template), like.zoom,
+                            settings.size)
     return crop_face(image, framed_box(box, like.window, like.offset), 0.0, settings.size)
 
 
@@ -188,7 +188,7 @@ def face_framing(image) -> Framing | None:
     x0, y0, x1, y1 = box
     left, top, right, _ = margin_box(whole_image_box(image), 0.0)
     side, face = right - left, max(x1 - x0, y1 - y0)
-    points = five_points(image, box)
+    points = five_points(image, box) if landmarks_available() else None
     return Framing(side / face, ((left + side / 2 - (x0 + x1) / 2) / face,
                                  (top + side / 2 - (y0 + y1) / 2) / face), detector,
                    None if points is None else tuple((float(x - left) / side, float(y - top) / side)

@@ -16,6 +16,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from .crops import REDUCING_GAP, Box
 from .detect import per_thread
 
@@ -40,13 +41,14 @@ def landmarks_available() -> bool:
     return _shape_predictor() is not None
 
 
-def five_points(image: Image.Image, box: Box) -> Points | None:
-    """The 5 landmarks of the face in ``box``; None when the predictor is not installed."""
+def five_points(image: Image.Image, box: Box) -> Points:
+    """The 5 landmarks of the face in ``box``."""
     import dlib
 
     predictor = _shape_predictor()
     if predictor is None:
-        return None
+        raise UserError("dlib's 5-point shape predictor is not installed "
+                        "(pip install 'agecascade[faces]')")
     x0, y0, x1, y1 = (round(v) for v in box)
     shape = predictor(np.asarray(image.convert("L")), dlib.rectangle(x0, y0, x1, y1))
     return np.array([(p.x + 0.5, p.y + 0.5) for p in shape.parts()], dtype=np.float64)

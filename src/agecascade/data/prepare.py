@@ -36,7 +36,7 @@ from .cropper import CropJob, CropResult, CropSettings, Framing, Like, crop_file
 from .recipe import BOX_POLICIES, CropRecipe
 from .detect import available_detectors, resolve_detector
 from .imaging import DEFAULT_MAX_PIXELS
-from .landmarks import zoomed
+from .landmarks import landmarks_available, zoomed
 from .report import DropReport
 from .store import COUNTS, CROPS, MANIFEST, REPORT, create_store, shrink_store
 
@@ -108,6 +108,10 @@ def framing_of(checkpoint: Path) -> Like:
     if recipe.window <= 0:
         raise UserError(f"--like {checkpoint}: its crops were cut around face boxes with a margin "
                         f"of {recipe.margin:g}; prepare with --margin {recipe.margin:g} instead")
+    if recipe.template and not landmarks_available():
+        raise UserError(f"--like {checkpoint}: the model aligns faces by their landmarks, and "
+                        "dlib's 5-point shape predictor is not installed (pip install "
+                        "'agecascade[faces]')")
     window, offset_x, offset_y = recipe.framing()
     return Like(resolve_detector(recipe.box_source), window, (offset_x, offset_y),
                 recipe.template, recipe.zoom)

@@ -3,7 +3,8 @@
 Every face is cut as the model's training crops were (its :class:`CropRecipe`): a square window
 around the detector's box, grown by the recipe's margin, resized to the recipe's size; or, for a
 model trained on aligned chips, the face warped so that its five landmarks sit where the chips
-had theirs (when dlib's shape predictor is installed; else the box window). With the
+had theirs (``cutting`` falls back to the box window, with a warning, where dlib's shape predictor
+is not installed). With the
 detector ``none`` the whole image is the face, for users who bring their own crops. Nothing here
 raises for a bad file: it becomes a named ``error``, so one file cannot stop a run.
 """
@@ -99,10 +100,9 @@ def cut(image: Image.Image, faces: list[Detection], recipe: CropRecipe) -> np.nd
         if face.detector == NO_DETECTOR:
             crops[i] = crop_face(image, face.box, 0.0, recipe.size)
             continue
-        points = five_points(image, face.box) if recipe.template else None
-        if points is not None:
-            crops[i] = aligned_crop(image, points, np.array(recipe.template), recipe.zoom,
-                                    recipe.size)
+        if recipe.template:
+            crops[i] = aligned_crop(image, five_points(image, face.box), np.array(recipe.template),
+                                    recipe.zoom, recipe.size)
         else:
             crops[i] = crop_face(image, framed(face.box, recipe), 0.0, recipe.size)
     return crops
