@@ -19,6 +19,7 @@ from .crops import crop_face, framed_box, margin_box, whole_image_box
 from .detect import available_detectors, detect_face, detect_faces
 from .imaging import BadImage, decode, orient_box
 from .landmarks import aligned_crop, five_points, landmarks_available
+from .recipe import CropRecipe
 
 # A face box may stick out of a tight crop, but not by this much: beyond it the annotation is
 # broken (a dataset box 1e5 px wide on a 100 px image), not a face.
@@ -27,13 +28,10 @@ MAX_BOX_TO_IMAGE = 2.0
 
 @dataclass(frozen=True)
 class Like:
-    """A model's framing of a face (``CropRecipe.framing``): the window its detector's box gets,
-    or, with a ``template`` (aligned chips), the warp of the face's landmarks onto it."""
+    """A model to imitate (``prepare --like``): the detector that finds its faces, and the
+    recipe that frames them (``frame_face``)."""
     detector: str
-    window: float
-    offset: tuple[float, float]
-    template: tuple[tuple[float, float], ...] = ()
-    zoom: float = 1.0
+    recipe: CropRecipe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +121,8 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
     if settings.like is not None:
         faces = detect_faces(image, settings.like.detector)
         if faces:  # the largest face, framed as the model's training crops framed theirs
-            return CropResult(crop=_like_crop(image, faces[0].box, settings), notes=notes,
+            return CropResult(crop=frame_face(image, faces[0].box, settings.like.recipe,
+                                              settings.size), notes=notes,
                               box=tuple(float(v) for v in faces[0].box),
                               box_source=settings.like.detector, **meta)
         notes.append(("no_face_found", f"{settings.like.detector} found none: the dataset box "
@@ -156,14 +155,16 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
     )
 
 
-def _like_crop(image, box: tuple[float, float, float, float], settings: CropSettings) -> np.ndarray:
-    """The face in ``box`` cut as ``predict`` cuts it for the --like model
-    (``inference.faces.cut``): aligned on the template when the model has one."""
-    like = settings.like
-    if like.template:
-        return aligned_crop(image, five_points(image, box), np.array(like.template), like.zoom,
-                            settings.size)
-    return crop_face(image, framed_box(box, like.window, like.offset), 0.0, settings.size)
+def frame_face(image, box: tuple[float, float, float, float], recipe: CropRecipe,
+               size: int) -> np.ndarray:
+    """(size, size, 3) uint8: a detected face cut as ``recipe``'s training crops framed theirs:
+    its landmarks warped onto the recipe's template when it has one, else the recipe's window
+    around the box. ``predict`` and ``prepare --like`` both cut faces here."""
+    if recipe.template:
+        return aligned_crop(image, five_points(image, box), np.array(recipe.template),
+                            recipe.zoom, size)
+    window, offset_x, offset_y = recipe.framing()
+    return crop_face(image, framed_box(box, window, (offset_x, offset_y)), 0.0, size)
 
 
 @dataclass(frozen=True)

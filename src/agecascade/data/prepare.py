@@ -112,9 +112,7 @@ def framing_of(checkpoint: Path) -> Like:
         raise UserError(f"--like {checkpoint}: the model aligns faces by their landmarks, and "
                         "dlib's 5-point shape predictor is not installed (pip install "
                         "'agecascade[faces]')")
-    window, offset_x, offset_y = recipe.framing()
-    return Like(resolve_detector(recipe.box_source), window, (offset_x, offset_y),
-                recipe.template, recipe.zoom)
+    return Like(resolve_detector(recipe.box_source), recipe)
 
 
 class WorkerDied(UserError):
@@ -248,12 +246,13 @@ def run(config: PrepareConfig) -> DropReport:
     with replacing(config.out / MANIFEST) as tmp:
         final.to_parquet(tmp, index=False)
     if settings.like is not None:
-        like = settings.like
-        framing = {"window": like.window, "offset": list(like.offset), "detector": like.detector,
+        like, recipe = settings.like, settings.like.recipe
+        window, offset_x, offset_y = recipe.framing()
+        framing = {"window": window, "offset": [offset_x, offset_y], "detector": like.detector,
                    "measured": int((final["box_source"] == like.detector).sum()),
                    # the landmarks' place in these crops, which show the model's zoom
-                   "template": zoomed(like.template, like.zoom).tolist() if like.template else [],
-                   "like": str(config.like)}
+                   "template": zoomed(recipe.template, recipe.zoom).tolist() if recipe.template
+                   else [], "like": str(config.like)}
     report.crops = {"file": CROPS, "shape": [len(final), settings.size, settings.size, 3],
                     "dtype": "uint8", "margin": settings.margin, "box_policy": settings.box_policy,
                     "detectors": available_detectors(), "max_pixels": settings.max_pixels,

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from agecascade.data.cropper import read_bytes
-from agecascade.data.crops import Box, crop_face, framed_box, whole_image_box
+from agecascade.data.cropper import frame_face, read_bytes
+from agecascade.data.crops import crop_face, whole_image_box
 from agecascade.data.recipe import CropRecipe
 from agecascade.data.detect import AUTO_ORDER, Detection, detect_faces, resolve_detector
 from agecascade.data.imaging import BadImage, decode
-from agecascade.data.landmarks import aligned_crop, five_points, landmarks_available
+from agecascade.data.landmarks import landmarks_available
 from agecascade.errors import UserError
 
 NO_DETECTOR = "none"
@@ -84,27 +84,13 @@ def find_faces(image: Image.Image, settings: FaceSettings) -> list[Detection]:
     return detect_faces(image, detector_for(settings.detector, settings.recipe), settings.min_face)
 
 
-def framed(box: Box, recipe: CropRecipe) -> Box:
-    """The square window that frames a detected face as the training crops framed theirs: the
-    margin window around the box, or, for models trained on whole chips, the chip's measured
-    size and position relative to the detector's box."""
-    window, offset_x, offset_y = recipe.framing()
-    return framed_box(box, window, (offset_x, offset_y))
-
-
 def cut(image: Image.Image, faces: list[Detection], recipe: CropRecipe) -> np.ndarray:
     """uint8 (F, size, size, 3): each face framed as the training crops were. A whole-image
     "face" (detector none) is the crop itself, as ``prepare`` crops an image without a box."""
     crops = np.zeros((len(faces), recipe.size, recipe.size, 3), np.uint8)
     for i, face in enumerate(faces):
-        if face.detector == NO_DETECTOR:
-            crops[i] = crop_face(image, face.box, 0.0, recipe.size)
-            continue
-        if recipe.template:
-            crops[i] = aligned_crop(image, five_points(image, face.box), np.array(recipe.template),
-                                    recipe.zoom, recipe.size)
-        else:
-            crops[i] = crop_face(image, framed(face.box, recipe), 0.0, recipe.size)
+        crops[i] = (crop_face(image, face.box, 0.0, recipe.size) if face.detector == NO_DETECTOR
+                    else frame_face(image, face.box, recipe, recipe.size))
     return crops
 
 
