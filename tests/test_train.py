@@ -116,8 +116,9 @@ def test_dvc_yaml_train_commands_parse_into_the_params(dvc_commands, params, ste
 
     for backbone, item in params["backbones"].items():
         argv = dvc_commands[f"{step}@{backbone}"]
-        assert argv[:2] == ["agecascade", "train"], argv
-        args = parse(argv[1:])
+        launcher = shlex.split(params["launcher"])   # `agecascade`, or torchrun ... -m agecascade
+        assert argv[:len(launcher) + 1] == [*launcher, "train"], argv
+        args = parse(argv[len(launcher):])
         config = from_args(FinetuneConfig, args)  # --hparams not read: it is tune's output
         wanted, shared = params[step], params["train"]
         assert args.stage == step

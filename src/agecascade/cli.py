@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from agecascade.errors import UserError
@@ -53,10 +54,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run data-parallel under torchrun (agecascade.train.distributed). The others
+# would run WORLD_SIZE copies writing the same outputs, so they refuse.
+DATA_PARALLEL = ("train",)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DATA_PARALLEL:
+        print(f"agecascade {args.command}: error: runs in one process; under torchrun "
+              f"(WORLD_SIZE {os.environ['WORLD_SIZE']}) only {', '.join(DATA_PARALLEL)} is "
+              "data-parallel", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except UserError as err:  # a mistake the user can fix; anything else keeps its traceback

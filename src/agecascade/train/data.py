@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from agecascade.errors import UserError
 from agecascade.nets.weights import InputSpec
 
+from .distributed import World
+
 # torchvision's ImageNet convention; also used for randomly initialised networks.
 IMAGENET = InputSpec("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -98,12 +100,18 @@ class CropBatches(Dataset):
 
 class BatchOrder(Sampler[list[int]]):
     """Row batches, reshuffled per epoch from (seed, epoch): a resumed run sees the same order.
-    With ``weights`` an epoch is as many rows drawn with replacement in proportion to them."""
+    With ``weights`` an epoch is as many rows drawn with replacement in proportion to them.
+
+    Under torchrun (``world.size`` > 1) the order is cut into global batches of
+    ``world.size * batch_size`` rows, and this process yields its own ``batch_size`` slice of
+    each: one optimiser step sees the rows that one process would with the effective batch.
+    """
 
     def __init__(self, rows: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, weights: np.ndarray | None = None):
+                 drop_last: bool = False, weights: np.ndarray | None = None,
+                 world: World = World()):
         self.rows, self.batch_size, self.shuffle = rows, batch_size, shuffle
-        self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+        self.seed, self.drop_last, self.epoch, self.world = seed, drop_last, 0, world
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
@@ -116,13 +124,16 @@ class BatchOrder(Sampler[list[int]]):
             order = torch.randperm(len(rows), generator=gen) if self.weights is None else \
                 torch.multinomial(self.weights, len(rows), replacement=True, generator=gen)
             rows = rows[order.numpy()]
-        stop = len(rows) - (len(rows) % self.batch_size if self.drop_last else 0)
-        for start in range(0, stop, self.batch_size):
-            yield rows[start:start + self.batch_size].tolist()
+        span = self.batch_size * self.world.size
+        stop = len(rows) - (len(rows) % span if self.drop_last else 0)
+        first = self.world.rank * self.batch_size
+        for start in range(first, stop, span):
+            yield rows[start:min(start + self.batch_size, stop)].tolist()
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.rows), self.batch_size)
-        return full if self.drop_last or not rest else full + 1
+        span = self.batch_size * self.world.size
+        full, rest = divmod(len(self.rows), span)
+        return full if self.drop_last else full + int(rest > self.world.rank * self.batch_size)
 
 
 def balance_weights(labels: np.ndarray, power: float) -> np.ndarray:
@@ -135,10 +146,17 @@ def balance_weights(labels: np.ndarray, power: float) -> np.ndarray:
 
 def make_loader(crops: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
                 shuffle: bool, seed: int, workers: int, pin_memory: bool,
-                weights: np.ndarray | None = None) -> DataLoader:
-    """``weights`` (one per row of ``rows``): sample a shuffled epoch in proportion to them."""
-    order = BatchOrder(rows, batch_size, shuffle, seed, drop_last=shuffle and len(rows) > batch_size,
-                       weights=weights)
+                weights: np.ndarray | None = None, world: World = World()) -> DataLoader:
+    """``weights`` (one per row of ``rows``): sample a shuffled epoch in proportion to them.
+    ``world``: this process's share under torchrun (a training epoch drops the last partial
+    global batch, so every process takes the same number of steps)."""
+    span = batch_size * world.size
+    if shuffle and world.size > 1 and len(rows) < span:
+        raise UserError(f"{len(rows)} training images are fewer than one global batch "
+                        f"({world.size} processes x {batch_size}); lower --batch or the "
+                        "process count")
+    order = BatchOrder(rows, batch_size, shuffle, seed, drop_last=shuffle and len(rows) > span,
+                       weights=weights, world=world)
     return DataLoader(CropBatches(crops, labels), sampler=order, batch_size=None,
                       num_workers=workers, pin_memory=pin_memory,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

@@ -25,6 +25,7 @@ from agecascade.cache import fingerprint
 from agecascade.errors import UserError
 from agecascade.nets.weights import InputSpec
 
+from . import distributed
 from .compute import Compute
 from .data import IMAGENET, Augment, augment_batch, normalise, to_input, to_unit
 from .degrade import Degrade, degrade_batch
@@ -77,10 +78,13 @@ def age_distribution(labels: torch.Tensor, classes: int, sigma: float) -> torch.
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     compute: Compute, config: TrainConfig, epoch: int) -> dict[str, float]:
     """One pass over ``loader``. The loss is summed on the device and read once at the end: a
-    ``.item()`` per step would make the host wait for every step on a GPU."""
+    ``.item()`` per step would make the host wait for every step on a GPU. Under torchrun
+    ``model`` is the DDP wrapper, and each process draws its own augmentation (rank 0 draws
+    what one process would)."""
     model.train()
     device = compute.device
-    gen = torch.Generator().manual_seed(config.seed * 7_919 + epoch)
+    rank = distributed.from_env().rank
+    gen = torch.Generator().manual_seed(config.seed * 7_919 + epoch + 1_000_003 * rank)
     total = torch.zeros((), device=device)
     seen, start = 0, time.perf_counter()
     for step, (images, labels) in enumerate(loader):
@@ -104,8 +108,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         seen += len(labels)
     if seen == 0:
         raise UserError("the training split is empty")
-    train_loss = total.item() / seen   # the one host sync of the epoch, before the clock stops
-    return {"train_loss": train_loss, "train_images_per_s": seen / (time.perf_counter() - start)}
+    # the one host sync of the epoch, before the clock stops; summed over the processes
+    total, seen = distributed.all_sum(torch.stack([total.float(), total.new_tensor(float(seen))]))
+    return {"train_loss": (total / seen).item(),
+            "train_images_per_s": seen.item() / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
@@ -121,16 +127,21 @@ def predict(model: nn.Module, loader: DataLoader, compute: Compute, input_size: 
             logits = model(x)
         all_logits.append(logits.float().cpu())
         all_labels.append(labels)
+    if not all_logits:  # under torchrun a process can have no rows of a small split
+        all_logits, all_labels = [torch.empty(0, len(ages))], [torch.empty(0, dtype=torch.long)]
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     return logits, labels, logits.softmax(dim=1) @ ages.cpu()
 
 
 def evaluate(model: nn.Module, loader: DataLoader, compute: Compute, input_size: int,
              ages: torch.Tensor, spec: InputSpec = IMAGENET) -> dict[str, float]:
+    """Mean loss and MAE over the loader's rows, of every process under torchrun."""
     logits, labels, predicted = predict(model, loader, compute, input_size, ages, spec)
     true_age = ages.cpu()[labels]
-    return {"val_loss": F.cross_entropy(logits, labels).item(),
-            "val_mae": (predicted - true_age).abs().mean().item()}
+    loss, error, count = distributed.all_sum(torch.stack([
+        F.cross_entropy(logits, labels, reduction="sum"), (predicted - true_age).abs().sum(),
+        torch.tensor(float(len(labels)))]))
+    return {"val_loss": (loss / count).item(), "val_mae": (error / count).item()}
 
 
 LAST, BEST = "last.pt", "model.pt"
@@ -168,8 +179,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
     ``key`` decides whether an existing ``out/last.pt`` may be resumed: a fingerprint of the
     content the run depends on (starting weights, data, code, settings); without one, ``meta``
     and ``config`` decide. ``on_epoch`` sees the epochs trained in this call only.
+    Under torchrun every process trains (through DDP) and evaluates its share; rank 0 alone
+    writes files, prints and calls ``on_epoch``.
     Returns the per-epoch history, restored epochs included.
     """
+    writer = distributed.from_env().main
     out.mkdir(parents=True, exist_ok=True)
     key = key or fingerprint(meta=meta, config=config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
@@ -187,12 +201,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, best = state["history"], state["epoch"] + 1, state["best"]
-        _save_best(out, best, meta)  # dvc repro deleted model.pt before rerunning the stage
-        print(f"resuming from epoch {start_epoch} of {config.epochs} ({out / LAST})")
+        if writer:
+            _save_best(out, best, meta)  # dvc repro deleted model.pt before rerunning the stage
+            print(f"resuming from epoch {start_epoch} of {config.epochs} ({out / LAST})")
 
+    trained = distributed.wrap(model, compute.device)
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(model, train_loader, optimizer, compute, config, epoch)
+        metrics = train_one_epoch(trained, train_loader, optimizer, compute, config, epoch)
         metrics |= evaluate(model, val_loader, compute, config.input_size, ages, config.input_spec)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step(metrics["val_loss"])
@@ -203,15 +219,18 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
             # the live tensors: torch.save stores tensors shared within one file once, so
             # last.pt holds these weights once although they are both "model" and "best"
             best = {"model": weights, "epoch": epoch, "metrics": metrics}
-            _save_best(out, best, meta)
-        torch_save_atomic({"model": weights, "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                           "epoch": epoch, "history": history, "best": best, "key": key},
-                          out / LAST)
+            if writer:
+                _save_best(out, best, meta)
+        if writer:
+            torch_save_atomic({"model": weights, "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(),
+                               "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                               "history": history, "best": best, "key": key}, out / LAST)
         if improved:  # the next epochs change the live tensors: keep a copy of the best ones
             best = {**best, "model": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}}
-        print(f"epoch {epoch + 1}/{config.epochs}  " + "  ".join(
-            f"{k} {v:.4g}" for k, v in metrics.items()))
-        if on_epoch is not None:
-            on_epoch(epoch + 1, metrics)
+        if writer:
+            print(f"epoch {epoch + 1}/{config.epochs}  " + "  ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items()))
+            if on_epoch is not None:
+                on_epoch(epoch + 1, metrics)
     return history

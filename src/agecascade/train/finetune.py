@@ -29,6 +29,7 @@ from agecascade.train.cascade import MODES, inherited_labels, model_from_init, r
 from agecascade.train.data import (IMAGENET, LabelSpace, assign_split, balance_weights,
                                    label_space_for, make_loader)
 from agecascade.train.degrade import Degrade
+from agecascade.train import distributed
 from agecascade.train.compute import Compute, choose_compute, precision_option
 from agecascade.train.engine import TrainConfig, adam, evaluate, fit, pick_device
 
@@ -51,7 +52,10 @@ class FinetuneConfig:
                        help="; ".join(f"{k}: {v}" for k, v in MODES.items()))
     epochs: int = option(1)
     lr: float = option(1e-3)
-    batch: int = option(32, help="training images per step")
+    batch: int = option(32, help="training images per step and process (under torchrun the "
+                                 "effective batch is this times the process count)")
+    scale_lr: bool = option(False, help="under torchrun, multiply --lr by the process count "
+                                        "(the linear scaling rule); off: the LR is as given")
     max_train_batches: int = option(0, help="cap batches per epoch (0 = whole epoch)")
     patience: int = option(5, help="halve the LR after this many epochs without a lower "
                                    "validation loss")
@@ -118,11 +122,14 @@ def read_hparams(path: Path) -> dict:
 NOT_RESULT_SHAPING = ("manifest", "init", "weights", "out", "workers", "device")
 
 
-def resume_key(config: FinetuneConfig, init: dict | None, device: torch.device) -> str:
+def resume_key(config: FinetuneConfig, init: dict | None, device: torch.device,
+               world_size: int = 1) -> str:
     """What decides whether ``out/last.pt`` may be resumed, by content: the --init checkpoint's
     tensors (not its path), else the pretrained weights; the crop store; the code; the device
-    type; and every setting that changes a result."""
+    type; the process count (it sets the effective batch); and every setting that changes a
+    result."""
     settings = {k: v for k, v in asdict(config).items() if k not in NOT_RESULT_SHAPING}
+    settings["world_size"] = world_size
     return run_key(settings, config.manifest, device.type, init, config.pretrained,
                    config.weights)
 
@@ -131,14 +138,17 @@ def resume_key(config: FinetuneConfig, init: dict | None, device: torch.device) 
 class Start:
     """What a run starts from, read once, so that the caller can log ``key`` before training."""
     init: dict | None        # the --init checkpoint as read_init returns it
-    device: torch.device
+    device: torch.device     # this process's
     key: str                 # resume_key
+    world: distributed.World = distributed.World()
 
 
 def starting_point(config: FinetuneConfig) -> Start:
+    """Read the --init checkpoint and pick the device; under torchrun, join the process group
+    (this process's GPU on CUDA)."""
     init = read_init(config.init) if config.init else None
-    device = pick_device(config.device)
-    return Start(init, device, resume_key(config, init, device))
+    world, device = distributed.join(pick_device(config.device))
+    return Start(init, device, resume_key(config, init, device, world.size), world)
 
 
 def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = None,
@@ -146,7 +156,13 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
     """Train as ``config`` says; return the summary (metrics.json) and the model holding the
     kept weights. ``start``: :func:`starting_point` of this config, if the caller has it."""
     start = start or starting_point(config)
-    init, device = start.init, start.device
+    init, device, world = start.init, start.device, start.world
+    lr = config.lr * world.size if config.scale_lr else config.lr
+    if world.size > 1 and world.main:
+        print(f"world size {world.size}: effective batch {world.size * config.batch} "
+              f"({world.size} processes x {config.batch}), lr {lr:g}" +
+              (" (--scale-lr)" if config.scale_lr else " (as given; --scale-lr multiplies it "
+                                                        f"by {world.size})"))
     manifest, crops = load_prepared(config.manifest)
     if config.max_images and len(manifest) > config.max_images:
         keep = np.sort(np.random.default_rng(config.seed).choice(len(manifest), config.max_images,
@@ -165,7 +181,8 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
     torch.manual_seed(config.seed)  # fresh layers (the output layer at least) start alike every run
     if init is not None:  # the previous stage fixes the architecture and the pixel convention
         model, spec, fresh = model_from_init(init, space.values)
-        print(f"initialised from {config.init}; re-initialised: {', '.join(fresh) or 'nothing'}")
+        if world.main:
+            print(f"initialised from {config.init}; re-initialised: {', '.join(fresh) or 'nothing'}")
     else:
         model = create_model(config.backbone, space.size, config.pretrained,
                              Path(config.weights) if config.weights else None)
@@ -173,28 +190,32 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
     if config.mode == "a":
         freeze_features(model)
     compute = choose_compute(device, model.arch, config.precision)
-    print(f"computing on {compute.describe()}")
+    if world.main:
+        print(f"computing on {compute.describe()}")
     model = model.to(device, memory_format=compute.memory_format)
-    loop = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch,
+    loop = TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch,
                        patience=config.patience, input_size=config.input_size, seed=config.seed,
                        max_train_batches=config.max_train_batches, input_spec=spec,
                        degrade=Degrade.each(config.degrade), label_sigma=config.label_sigma)
-    optimizer = adam([p for p in model.parameters() if p.requires_grad], config.lr)
+    optimizer = adam([p for p in model.parameters() if p.requires_grad], lr)
     pin = device.type == "cuda"
     weights = balance_weights(labels[rows["train"]], config.balance) if config.balance else None
     train_loader = make_loader(crops, labels, rows["train"], config.batch, True, config.seed,
-                               config.workers, pin, weights)
+                               config.workers, pin, weights, world)
     val_loader = make_loader(crops, labels, rows["val"], max(config.batch, 64), False,
-                             config.seed, config.workers, pin)
+                             config.seed, config.workers, pin, world=world)
     ages = space.tensor(device)
     meta = {"backbone": config.backbone, "arch": model.arch, "input_spec": asdict(spec),
             "pretrained": config.pretrained, "mode": config.mode,
             "dataset": str(manifest["dataset"].iloc[0]), "ages": list(space.values),
             "input_size": config.input_size, "init": str(config.init or ""), "seed": config.seed,
             "val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
+            "world_size": world.size,
             "crop": asdict(crop_recipe(config.manifest, loop.augment.mean_zoom))}
     history = fit(model, train_loader, val_loader, ages, optimizer, loop, compute, config.out,
                   meta, on_epoch, start.key)
+    if not world.main:  # rank 0 scores the kept weights and writes the summary
+        return {}, model
     return finish(config, model, history, crops, labels, rows, ages, compute, space), model
 
 

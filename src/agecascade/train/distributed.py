@@ -1,0 +1,106 @@
+"""Data-parallel training under ``torchrun``: one process per device, gradients averaged by DDP.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK. Without them, or with WORLD_SIZE 1, a run is one
+process and nothing here changes what it does. With more, each process:
+- trains on ``--batch`` images per step: the effective batch is WORLD_SIZE x ``--batch``, and
+  the LR stays what the user gave unless ``--scale-lr`` asks for the linear scaling rule;
+- reads its slice of every global batch (``data.BatchOrder``), so that for one seed the images
+  of each optimiser step are those of a one-process run with the effective batch, whatever the
+  world size; the random augmentation of each image is drawn per process, so it is not;
+- evaluates its share of the validation rows, summed over processes;
+- leaves writing (checkpoints, metrics, MLflow) to rank 0.
+The backend is gloo on the CPU and NCCL on CUDA, where process ``LOCAL_RANK`` takes GPU
+``LOCAL_RANK``. Several nodes need one filesystem for ``--out`` (rank 0 writes the resume point
+that every rank reads on a restart).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from agecascade.errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """The process that writes outputs and talks to MLflow."""
+        return self.rank == 0
+
+
+def from_env() -> World:
+    """The world torchrun describes in the environment; one process without it."""
+    try:
+        world = World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                      int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as err:
+        raise UserError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {err}") from None
+    if not 0 <= world.rank < world.size:
+        raise UserError(f"RANK {world.rank} is outside WORLD_SIZE {world.size}")
+    return world
+
+
+def join(device: torch.device) -> tuple[World, torch.device]:
+    """Join torchrun's process group (once per process) and return this process's device:
+    under torchrun on CUDA, GPU LOCAL_RANK; otherwise ``device`` unchanged."""
+    world = from_env()
+    if world.size == 1:
+        return world, device
+    if device.type == "cuda":
+        if device.index not in (None, world.local_rank):
+            raise UserError(f"--device {device}: under torchrun each process takes the GPU of "
+                            "its LOCAL_RANK; pass --device cuda or auto")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"--device {device}: data-parallel runs support cpu (gloo) and cuda "
+                        "(NCCL)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself in one process; else DDP around it, which averages the gradients of
+    every step over the processes (and starts them all from rank 0's weights)."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # 1x1 convolutions get gradients whose strides differ from the parameter's only along
+    # dimensions of size 1: the same memory layout, so DDP's layout warning is a false alarm
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    # gradients as views of DDP's buckets: no second copy of them in memory
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                   else None, gradient_as_bucket_view=True)
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``values`` over the processes (itself in one process), on the
+    device it came from."""
+    if not active():
+        return values
+    home = values.device
+    on = values.to("cuda") if dist.get_backend() == "nccl" else values.cpu()
+    on = on.clone()
+    dist.all_reduce(on)
+    return on.to(home)

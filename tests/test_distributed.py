@@ -1,0 +1,130 @@
+"""`torchrun` data parallelism on the CPU (gloo): the data each process reads, who writes, and a
+real two-process run against a one-process run of the same effective batch."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agecascade.cli import main
+from agecascade.errors import UserError
+from agecascade.train.data import BatchOrder, make_loader
+from agecascade.train.distributed import World
+from test_train import train_args, write_prepared
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("size", [2, 3])
+def test_the_processes_of_a_step_read_the_rows_one_process_reads_with_the_effective_batch(
+        weighted, size):
+    rows = np.arange(100, 200)
+    weights = np.linspace(1, 3, len(rows)) if weighted else None
+    one = BatchOrder(rows, 8 * size, True, seed=4, drop_last=True, weights=weights)
+    many = [BatchOrder(rows, 8, True, seed=4, drop_last=True, weights=weights,
+                       world=World(rank, size)) for rank in range(size)]
+    for epoch in (0, 1):
+        for order in (one, *many):
+            order.set_epoch(epoch)
+        steps = list(zip(*many))
+        assert [len(m) for m in many] == [len(steps)] * size
+        assert len(steps) == len(one) == len(list(one)) == 100 // (8 * size)
+        for batch, parts in zip(one, steps):
+            assert [row for part in parts for row in part] == batch
+
+
+def test_validation_rows_are_split_between_processes_without_loss_or_overlap():
+    rows = np.arange(53)                      # an uneven tail: 53 = 3 x 16 + 5
+    orders = [BatchOrder(rows, 8, False, world=World(rank, 2)) for rank in range(2)]
+    seen = [row for order in orders for batch in order for row in batch]
+    assert sorted(seen) == rows.tolist()
+    assert [len(order) for order in orders] == [len(list(order)) for order in orders] == [4, 3]
+
+
+def test_a_training_set_smaller_than_one_global_batch_is_refused():
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        make_loader(np.zeros((10, 4, 4, 3), np.uint8), np.zeros(10, np.int64), np.arange(10),
+                    8, True, 0, 0, False, world=World(0, 2))
+
+
+def test_a_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
+    """What keeps rank 1 of a torchrun from writing: it trains its share (alone here, without
+    a process group) but leaves no checkpoint, resume point, metrics or history."""
+    from agecascade.train import distributed
+
+    store = write_prepared(tmp_path / "toy", n=120)
+    rank1 = World(1, 2, 1)
+    monkeypatch.setattr(distributed, "from_env", lambda: rank1)
+    monkeypatch.setattr(distributed, "join", lambda device: (rank1, device))
+    out = tmp_path / "rank1"
+    assert main(train_args(store, out, "--epochs", "1")) == 0
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_rank_outside_the_world_is_refused(monkeypatch):
+    from agecascade.train import distributed
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="RANK 2 is outside WORLD_SIZE 2"):
+        distributed.from_env()
+
+
+def test_commands_that_are_not_data_parallel_refuse_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", "--model", "m.pt", "--manifest", "x"]) == 2
+    assert "only train is data-parallel" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("ddp") / "prepared", n=400)
+
+
+def run_train(argv: list[str], cwd: Path, launcher: str) -> subprocess.CompletedProcess:
+    """``launcher ARGV`` (ARGV: train ...), as a DVC stage runs it (params.yaml's ``launcher``)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+           "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([*shlex.split(launcher), *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+# Both runs below take the same optimiser steps on the same images; they differ in the random
+# augmentation of each image (drawn per process) and in BatchNorm statistics (per process batch
+# of 16 against 32). On this toy set that moved the validation MAE by 0.78, 1.12 and 0.23 years
+# at seeds 0, 1 and 2, against a median baseline of about 15.
+TOLERANCE = 3.0
+
+
+def test_torchrun_two_processes_train_like_one_and_rank_0_alone_writes(store, tmp_path):
+    argv = [a for a in train_args(store, tmp_path / "ddp", "--epochs", "3", "--batch", "16",
+                                  "--lr", "0.0005", "--scale-lr") if a != "--no-track"]
+    two = run_train(argv, tmp_path, "torchrun --standalone --nproc-per-node 2 -m agecascade")
+    log = two.stdout + two.stderr
+    assert "world size 2: effective batch 32 (2 processes x 16), lr 0.001 (--scale-lr)" in log
+    assert log.count("epoch 1/3") == 1          # rank 0 alone reports
+    one_out = tmp_path / "one"
+    single = [a for a in train_args(store, one_out, "--epochs", "3") if a != "--no-track"]
+    run_train(single, tmp_path, "agecascade")   # batch 32, lr 0.001: the same effective run
+
+    ddp, one = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "ddp", one_out))
+    assert ddp["val_mae"] < 0.6 * ddp["val_mae_median_baseline"]  # it learns
+    assert abs(ddp["val_mae"] - one["val_mae"]) < TOLERANCE, (ddp, one)
+    meta = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["meta"]
+    assert meta["world_size"] == 2
+    assert not (tmp_path / "ddp" / "last.pt").exists()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["train"], output_format="list")
+    assert sorted(r.data.params["world_size"] for r in runs) == ["1", "2"]  # one run each
