@@ -69,7 +69,9 @@ def plain_loop(model, crops, labels, batch, steps, device, workers) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def ours(model, crops, labels, batch, steps, compute: Compute, workers, size) -> float:
+def ours(model, crops, labels, batch, steps, compute: Compute, workers, size) -> dict:
+    """The `train` stage's epoch for ``steps`` batches after a warm-up one: its images/s, the
+    share of the time it waited for data, and (CUDA) the peak memory it allocated."""
     rows = np.arange(len(labels))
     loader = make_loader(crops, labels, rows, batch, True, 0, workers, compute.device.type == "cuda")
     config = TrainConfig(epochs=1, lr=1e-4, batch_size=batch, patience=5, input_size=size, seed=0,
@@ -78,8 +80,15 @@ def ours(model, crops, labels, batch, steps, compute: Compute, workers, size) ->
     model.to(memory_format=compute.memory_format)
     train_one_epoch(model, loader, optimizer, compute, config, epoch=0)  # warm-up
     config.max_train_batches = steps
+    if compute.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(compute.device)
     # the epoch reads its summed loss (a host sync) before its clock stops: honest on CUDA too
-    return train_one_epoch(model, loader, optimizer, compute, config, epoch=1)["train_images_per_s"]
+    metrics = train_one_epoch(model, loader, optimizer, compute, config, epoch=1)
+    peak = torch.cuda.max_memory_allocated(compute.device) / 2**30 \
+        if compute.device.type == "cuda" else None
+    return {"img_s": round(metrics["train_images_per_s"], 1),
+            "data_wait_fraction": round(metrics["data_wait_fraction"], 3),
+            "peak_gpu_mem_gib": None if peak is None else round(peak, 2)}
 
 
 def _sync(device: torch.device) -> None:
@@ -107,9 +116,11 @@ def measure(name: str, crops, labels, args, device: torch.device) -> dict:
                                                   chosen, args.workers, args.size)
     plain = plain_loop(fresh(), crops, labels, args.batch, args.steps, device, args.workers)
     return {"backbone": name, "size": args.size, "batch": args.batch, "device": device.type,
-            "auto": label(chosen), "project_img_s": round(project, 1),
-            "plain_img_s": round(plain, 1), "ratio": round(project / plain, 2),
-            "variants_img_s": {k: round(v, 1) for k, v in variants.items()}}
+            "auto": label(chosen), "project_img_s": project["img_s"],
+            "plain_img_s": round(plain, 1), "ratio": round(project["img_s"] / plain, 2),
+            "data_wait_fraction": project["data_wait_fraction"],
+            "peak_gpu_mem_gib": project["peak_gpu_mem_gib"],
+            "variants_img_s": {k: v["img_s"] for k, v in variants.items()}}
 
 
 def main() -> None:

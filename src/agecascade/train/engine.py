@@ -78,7 +78,9 @@ def age_distribution(labels: torch.Tensor, classes: int, sigma: float) -> torch.
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     compute: Compute, config: TrainConfig, epoch: int) -> dict[str, float]:
     """One pass over ``loader``. The loss is summed on the device and read once at the end: a
-    ``.item()`` per step would make the host wait for every step on a GPU. Under torchrun
+    ``.item()`` per step would make the host wait for every step on a GPU.
+    ``data_wait_fraction``: the share of the epoch the loop spent waiting for its next batch
+    (near 0 when the loader keeps up with the device). Under torchrun
     ``model`` is the DDP wrapper, and each process draws its own augmentation (rank 0 draws
     what one process would)."""
     model.train()
@@ -86,8 +88,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     rank = distributed.from_env().rank
     gen = torch.Generator().manual_seed(config.seed * 7_919 + epoch + 1_000_003 * rank)
     total = torch.zeros((), device=device)
-    seen, start = 0, time.perf_counter()
+    seen, waited, start = 0, 0.0, time.perf_counter()
+    asked = start
     for step, (images, labels) in enumerate(loader):
+        waited += time.perf_counter() - asked  # the host blocked on the loader, not the device
         if config.max_train_batches and step >= config.max_train_batches:
             break
         images = images.to(device, non_blocking=True)
@@ -106,12 +110,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         optimizer.step()
         total += loss.detach() * len(labels)
         seen += len(labels)
+        asked = time.perf_counter()
     if seen == 0:
         raise UserError("the training split is empty")
     # the one host sync of the epoch, before the clock stops; summed over the processes
     total, seen = distributed.all_sum(torch.stack([total.float(), total.new_tensor(float(seen))]))
-    return {"train_loss": (total / seen).item(),
-            "train_images_per_s": seen.item() / (time.perf_counter() - start)}
+    train_loss, elapsed = (total / seen).item(), time.perf_counter() - start
+    return {"train_loss": train_loss, "train_images_per_s": seen.item() / elapsed,
+            "data_wait_fraction": waited / elapsed}
 
 
 @torch.no_grad()
@@ -155,7 +161,7 @@ def clear_resume_point(out: Path) -> None:
 
 # Varies from run to run: kept out of model.pt, so the same training writes the same bytes and
 # DVC sees no change in the stages that read it (history.csv and MLflow keep it).
-TIMINGS = ("train_images_per_s",)
+TIMINGS = ("train_images_per_s", "data_wait_fraction")
 
 
 def _save_best(out: Path, best: dict, meta: dict) -> None:
