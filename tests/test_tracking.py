@@ -111,3 +111,29 @@ def test_a_nested_run_is_continued_only_under_its_own_parent(store):
     assert tracking.resumable_run(id_file, experiment, {}, parent=parent) == fold.info.run_id
     assert tracking.resumable_run(id_file, experiment, {}, parent=other) is None
     assert store.client.get_run(fold.info.run_id).info.status == "KILLED"
+
+
+def test_a_queued_dvc_experiment_logs_to_the_users_store_not_its_temporary_copy(tmp_path,
+                                                                                monkeypatch):
+    """`dvc exp run --queue` runs each experiment in <checkout>/.dvc/tmp/exps/<tmp>/ and then
+    deletes that copy: its runs and artifacts must land in the checkout's mlflow.db and mlruns/."""
+    checkout = tmp_path / "checkout"
+    copy = checkout / ".dvc" / "tmp" / "exps" / "tmpq1x2"
+    copy.mkdir(parents=True)
+    assert tracking.user_checkout(copy) == checkout
+    assert tracking.user_checkout(checkout) is None
+    previous_uri = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(copy)
+    try:
+        with tracking.tracked_run("queued", "run", copy / "out", {"stage": "q"}, {"seed": 1}):
+            (copy / "note.txt").write_text("an artifact")
+            mlflow.log_artifact(str(copy / "note.txt"))
+            run_id = mlflow.active_run().info.run_id
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    assert not (copy / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{checkout / 'mlflow.db'}")
+    assert client.get_run(run_id).data.params == {"seed": "1"}
+    (artifact,) = (checkout / "mlruns").rglob("note.txt")
+    assert artifact.read_text() == "an artifact" and run_id in artifact.parts

@@ -30,11 +30,40 @@ def git_commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+# Where DVC runs a queued (`dvc exp run --queue`) or `--temp` experiment: a copy of the checkout
+# at <checkout>/.dvc/tmp/exps/<tmp>/, deleted when the experiment ends.
+EXPERIMENT_COPIES = (".dvc", "tmp", "exps")
+
+
+def user_checkout(cwd: Path) -> Path | None:
+    """The checkout whose DVC experiment runs in the temporary copy ``cwd``, else None."""
+    parts = cwd.resolve().parts
+    n = len(EXPERIMENT_COPIES)
+    for i in range(len(parts) - n, 0, -1):
+        if parts[i:i + n] == EXPERIMENT_COPIES and len(parts) > i + n:
+            return Path(*parts[:i])
+    return None
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the checkout's SQLite store; points MLflow's module API at it."""
+    """MLFLOW_TRACKING_URI, else the checkout's SQLite store; points MLflow's module API at it.
+
+    In the temporary copy of a queued DVC experiment, the checkout's store is the user's, not
+    the copy's (which DVC deletes with the copy): the copy's ``mlflow.db`` is the checkout's, by
+    absolute path, and its ``mlruns/`` a link to the checkout's, so that the relative artifact
+    locations of the store's experiments land there too."""
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        checkout = user_checkout(Path.cwd())
+        uri = DEFAULT_URI if checkout is None else f"sqlite:///{checkout / 'mlflow.db'}"
+        if checkout is not None and not ARTIFACTS.is_symlink():
+            (checkout / ARTIFACTS).mkdir(exist_ok=True)
+            if ARTIFACTS.is_dir():  # left by an earlier run in this copy: keep what it holds
+                raise RuntimeError(f"{ARTIFACTS.resolve()} is a folder; in a DVC experiment's "
+                                   f"copy it must link to {checkout / ARTIFACTS}")
+            ARTIFACTS.symlink_to(checkout / ARTIFACTS, target_is_directory=True)
     mlflow.set_tracking_uri(uri)
     return uri
 
