@@ -119,7 +119,8 @@ def test_a_queued_dvc_experiment_logs_to_the_users_store_not_its_temporary_copy(
     deletes that copy: its runs and artifacts must land in the checkout's mlflow.db and mlruns/."""
     checkout = tmp_path / "checkout"
     copy = checkout / ".dvc" / "tmp" / "exps" / "tmpq1x2"
-    copy.mkdir(parents=True)
+    (copy / "mlruns").mkdir(parents=True)
+    (copy / "mlruns" / ".gitkeep").touch()   # git's, as in the project's checkout
     assert tracking.user_checkout(copy) == checkout
     assert tracking.user_checkout(checkout) is None
     previous_uri = mlflow.get_tracking_uri()
@@ -137,3 +138,5 @@ def test_a_queued_dvc_experiment_logs_to_the_users_store_not_its_temporary_copy(
     assert client.get_run(run_id).data.params == {"seed": "1"}
     (artifact,) = (checkout / "mlruns").rglob("note.txt")
     assert artifact.read_text() == "an artifact" and run_id in artifact.parts
+    # in the copy, only links inside mlruns/ (git ignores its content): nothing to commit
+    assert all(p.is_symlink() for p in (copy / "mlruns").iterdir() if p.name != ".gitkeep")

@@ -48,38 +48,51 @@ def user_checkout(cwd: Path) -> Path | None:
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the checkout's SQLite store; points MLflow's module API at it.
 
-    In the temporary copy of a queued DVC experiment, the checkout's store is the user's, not
-    the copy's (which DVC deletes with the copy): the copy's ``mlflow.db`` is the checkout's, by
-    absolute path, and its ``mlruns/`` a link to the checkout's, so that the relative artifact
-    locations of the store's experiments land there too."""
+    In the temporary copy of a queued DVC experiment the checkout's store is the user's, by
+    absolute path, not the copy's (which DVC deletes with the copy); see also
+    :func:`experiment_id`, which links the artifacts."""
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
         checkout = user_checkout(Path.cwd())
         uri = DEFAULT_URI if checkout is None else f"sqlite:///{checkout / 'mlflow.db'}"
-        if checkout is not None and not ARTIFACTS.is_symlink():
-            (checkout / ARTIFACTS).mkdir(exist_ok=True)
-            if ARTIFACTS.is_dir():  # left by an earlier run in this copy: keep what it holds
-                raise RuntimeError(f"{ARTIFACTS.resolve()} is a folder; in a DVC experiment's "
-                                   f"copy it must link to {checkout / ARTIFACTS}")
-            ARTIFACTS.symlink_to(checkout / ARTIFACTS, target_is_directory=True)
     mlflow.set_tracking_uri(uri)
     return uri
 
 
+def _link_artifacts(experiment: str) -> None:
+    """In a queued DVC experiment's copy, make ``mlruns/<experiment>`` a link to the checkout's:
+    the store's artifact locations are relative (``mlruns/<id>``), so MLflow writes them under
+    the working directory. The link sits inside ``mlruns/``, whose content git ignores, so the
+    experiment's commit does not carry it."""
+    checkout = user_checkout(Path.cwd())
+    link = ARTIFACTS / experiment
+    if checkout is None or "MLFLOW_TRACKING_URI" in os.environ or link.is_symlink():
+        return
+    if link.exists():
+        raise RuntimeError(f"{link.resolve()} is a folder; in a DVC experiment's copy it must "
+                           f"link to {checkout / link}")
+    (checkout / link).mkdir(parents=True, exist_ok=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    link.symlink_to(checkout / link, target_is_directory=True)
+
+
 def experiment_id(name: str) -> str:
     """The id of experiment ``name``, created on first use with its artifacts under a relative
-    ``mlruns/<id>`` when the store is a database of ours."""
+    ``mlruns/<id>`` when the store is a database of ours (linked to the checkout's from a queued
+    DVC experiment's copy)."""
     import mlflow
 
     uri = tracking_uri()
     with _first_use_lock(uri):
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
+            _link_artifacts(found.experiment_id)
             return found.experiment_id
         created = mlflow.create_experiment(name)
         _relative_artifact_location(uri, created)
+        _link_artifacts(created)
         return created
 
 
