@@ -61,15 +61,15 @@ def tracking_uri() -> str:
     return uri
 
 
-def _link_artifacts(experiment: str) -> None:
+def _link_artifacts(uri: str, experiment: str) -> None:
     """In a queued DVC experiment's copy, make ``mlruns/<experiment>`` a link to the checkout's:
     the store's artifact locations are relative (``mlruns/<id>``), so MLflow writes them under
     the working directory. The link sits inside ``mlruns/``, whose content git ignores, so the
     experiment's commit does not carry it."""
     checkout = user_checkout(Path.cwd())
     link = ARTIFACTS / experiment
-    if checkout is None or "MLFLOW_TRACKING_URI" in os.environ or link.is_symlink():
-        return
+    if checkout is None or uri != f"sqlite:///{checkout / 'mlflow.db'}" or link.is_symlink():
+        return  # not in a copy, or another store (MLFLOW_TRACKING_URI), or linked already
     if link.exists():
         raise RuntimeError(f"{link.resolve()} is a folder; in a DVC experiment's copy it must "
                            f"link to {checkout / link}")
@@ -88,11 +88,11 @@ def experiment_id(name: str) -> str:
     with _first_use_lock(uri):
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
-            _link_artifacts(found.experiment_id)
+            _link_artifacts(uri, found.experiment_id)
             return found.experiment_id
         created = mlflow.create_experiment(name)
         _relative_artifact_location(uri, created)
-        _link_artifacts(created)
+        _link_artifacts(uri, created)
         return created
 
 
