@@ -45,6 +45,11 @@ def user_checkout(cwd: Path) -> Path | None:
     return None
 
 
+def checkout_store(checkout: Path) -> str:
+    """The SQLite store of ``checkout``, by absolute path: what a DVC experiment's copy logs to."""
+    return f"sqlite:///{checkout / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the checkout's SQLite store; points MLflow's module API at it.
 
@@ -56,7 +61,7 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
         checkout = user_checkout(Path.cwd())
-        uri = DEFAULT_URI if checkout is None else f"sqlite:///{checkout / 'mlflow.db'}"
+        uri = DEFAULT_URI if checkout is None else checkout_store(checkout)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -68,7 +73,7 @@ def _link_artifacts(uri: str, experiment: str) -> None:
     experiment's commit does not carry it."""
     checkout = user_checkout(Path.cwd())
     link = ARTIFACTS / experiment
-    if checkout is None or uri != f"sqlite:///{checkout / 'mlflow.db'}" or link.is_symlink():
+    if checkout is None or uri != checkout_store(checkout) or link.is_symlink():
         return  # not in a copy, or another store (MLFLOW_TRACKING_URI), or linked already
     if link.exists():
         raise RuntimeError(f"{link.resolve()} is a folder; in a DVC experiment's copy it must "

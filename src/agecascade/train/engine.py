@@ -225,18 +225,17 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
             # the live tensors: torch.save stores tensors shared within one file once, so
             # last.pt holds these weights once although they are both "model" and "best"
             best = {"model": weights, "epoch": epoch, "metrics": metrics}
-            if writer:
-                _save_best(out, best, meta)
         if writer:
+            if improved:
+                _save_best(out, best, meta)
             torch_save_atomic({"model": weights, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(),
                                "torch_rng": torch.get_rng_state(), "epoch": epoch,
                                "history": history, "best": best, "key": key}, out / LAST)
-        if improved:  # the next epochs change the live tensors: keep a copy of the best ones
-            best = {**best, "model": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}}
-        if writer:
             print(f"epoch {epoch + 1}/{config.epochs}  " + "  ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items()))
             if on_epoch is not None:
                 on_epoch(epoch + 1, metrics)
+        if improved:  # the next epochs change the live tensors: keep a copy of the best ones
+            best = {**best, "model": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}}
     return history
