@@ -112,3 +112,28 @@ def test_the_appearance_probe_scores_each_effect_on_the_split(tmp_path: Path, ca
     assert set(out["effects"]) == set(probe.effects(0)) and out["images"] > 5
     none, grain = out["effects"]["none"], out["effects"]["noise std 0.05"]
     assert none["mae"] > 0 and none["signed"] != grain["signed"]
+
+
+def test_chip_alignment_sees_a_chip_framed_smaller(tmp_path):
+    """benchmarks/chip_alignment.py: a copy of each chip with the face shrunk to 90 % (padded by
+    its edge colours) needs about 1 / 0.9 the zoom of its original to reach the template."""
+    pytest.importorskip("face_recognition_models")
+    import numpy as np
+    from PIL import Image
+
+    from agecascade.data.landmarks import similarity
+    from conftest import shared_dataset
+
+    chip_alignment = _load("chip_alignment")
+    for number, chip in enumerate(sorted(shared_dataset("utkface-dev").rglob("*.chip.jpg"))[:8]):
+        image = np.asarray(Image.open(chip).convert("RGB"))
+        small = np.asarray(Image.fromarray(image).resize((180, 180), Image.BILINEAR))
+        (tmp_path / chip.name).symlink_to(chip)
+        Image.fromarray(np.pad(small, ((10, 10), (10, 10), (0, 0)), mode="edge")).save(
+            tmp_path / f"150_{number}.jpg.chip.jpg")        # the copies: "aged" 150
+    ages, points, missed = chip_alignment.chip_landmarks(tmp_path, 100, seed=0)
+    template = np.median(points, axis=0)
+    scale = np.array([np.hypot(*similarity(p, template)[:, 0]) for p in points])
+    assert len(ages) + missed == 16 and len(ages) >= 12
+    ratio = np.median(scale[ages == 150]) / np.median(scale[ages != 150])
+    assert ratio == pytest.approx(1 / 0.9, abs=0.04)

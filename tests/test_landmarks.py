@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from agecascade.data.landmarks import aligned_crop, five_points, similarity, zoomed
+from agecascade.data.landmarks import aligned_crop, five_points, realigned, similarity, zoomed
 
 # UTKFace chips' template as `prepare --box image` measures it (crop sides)
 TEMPLATE = np.array([[0.7675, 0.3025], [0.6125, 0.3125], [0.2175, 0.3025], [0.3725, 0.3125],
@@ -56,6 +56,24 @@ def test_off_image_parts_are_black():
     image = Image.new("RGB", (200, 200), (200, 200, 200))
     crop = aligned_crop(image, points, TEMPLATE, 1.0, 64)
     assert (crop[:5, :5] == 0).all() and (crop[-5:, -5:] == 200).all()
+
+
+def test_realigned_moves_a_chips_landmarks_onto_the_template_without_black_corners():
+    """A chip whose face is 8 % larger and 4 px off centre (as UTKFace frames babies and old
+    people differently) comes out with its landmarks on the template, and the widened view's
+    corners are the chip's own mirrored background, not black."""
+    size = 128
+    points = (TEMPLATE - 0.5) * 1.08 + 0.5 + 4 / size        # crop sides
+    chip = np.asarray(_dots(points * size, (size, size), radius=2.5)).copy()
+    chip[..., 2] = np.maximum(chip[..., 2], 90)             # a blue background, no black
+    out = realigned(chip, points, TEMPLATE)
+    light = out.mean(axis=2) - out[..., 2] / 3
+    labels, count = ndimage.label(light > 40)
+    found = np.array(ndimage.center_of_mass(light, labels, range(1, count + 1)))[:, ::-1] + 0.5
+    assert out.shape == chip.shape and count == 5
+    nearest = np.linalg.norm(found[:, None] - TEMPLATE[None] * size, axis=2).min(axis=0)
+    assert nearest.max() < 0.3, nearest
+    assert (out[..., 2] >= 80).all()                          # no black fill anywhere
 
 
 def test_dlib_finds_eyes_above_the_nose_inside_the_face_box():

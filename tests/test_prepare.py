@@ -342,6 +342,57 @@ def test_whole_chip_crops_record_how_they_frame_the_face(tmp_path):
     assert recipe.template == tuple(map(tuple, template))
 
 
+def test_aligned_chips_put_every_face_s_landmarks_on_the_template(tmp_path):
+    """`--box aligned` warps each chip so that its landmarks sit on the chips' median place, as
+    `predict` warps a real face: found again in the stored crops, the landmarks lie closer to the
+    template than in the raw chips, a chip without a face is counted, and the recipe says so."""
+    pytest.importorskip("face_recognition_models")
+    from conftest import shared_dataset
+
+    from agecascade.data.cropper import face_framing
+    from agecascade.data.landmarks import similarity
+    from agecascade.data.store import crop_recipe
+
+    chips = sorted(shared_dataset("utkface-dev").rglob("*.chip.jpg"))[:12]
+    (tmp_path / "utk").mkdir()
+    for chip in chips:
+        (tmp_path / "utk" / chip.name).symlink_to(chip)
+    Image.new("RGB", (200, 200), (90, 120, 150)).save(tmp_path / "utk" / "30_0_0_1.jpg.chip.jpg")
+
+    def spread(box: str) -> float:
+        out = tmp_path / box
+        assert main(["prepare", "utkface", "--root", str(tmp_path / "utk"), "--out", str(out),
+                     "--size", "128", "--box", box, "--workers", "1"]) == 0
+        template = np.array(crop_recipe(out).template)
+        found = [face_framing(Image.fromarray(crop)) for crop in np.load(out / "crops.npy")]
+        # how far each crop's face is from the template in zoom (log scale) and place
+        fits = [similarity(np.array(f.landmarks), template) for f in found if f is not None]
+        return float(np.median([abs(np.log(np.hypot(*fit[:, 0])))
+                                + np.hypot(*(fit[:, :2] @ (0.5, 0.5) + fit[:, 2] - 0.5))
+                                for fit in fits]))
+
+    raw, aligned = spread("image"), spread("aligned")
+    assert aligned < 0.5 * raw, (raw, aligned)
+    report = json.loads((tmp_path / "aligned" / "report.json").read_text())
+    not_aligned = {Path(f["path"]).name for f in report["warning_files"]
+                   if f["reason"] == "not_aligned"}
+    assert report["kept"] == 13 and "30_0_0_1.jpg.chip.jpg" in not_aligned
+    assert report["warnings"]["not_aligned"] == len(not_aligned) <= 2
+    assert crop_recipe(tmp_path / "aligned").box_policy == "aligned"
+
+
+def test_aligned_chips_need_the_shape_predictor(tmp_path, monkeypatch, capsys):
+    import agecascade.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "landmarks_available", lambda: False)
+    root = tmp_path / "utk"
+    root.mkdir()
+    write_image(root / "30_0_0_1.jpg.chip.jpg", (64, 64))
+    assert run_prepare("utkface", root, tmp_path / "out", "--box", "aligned") == 2
+    assert "5-point shape predictor" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def _checkpoint_with_recipe(path: Path, **recipe) -> Path:
     import torch
 

@@ -41,7 +41,7 @@ class CropSettings:
     size: int
     margin: float
     max_pixels: int
-    box_policy: str  # auto: dataset box > detector > whole image; image: whole image
+    box_policy: str  # auto: dataset box > detector > whole image; image, aligned: whole image
     max_file_bytes: int
     like: Like | None  # frame each face as a model's training crops did (prepare --like)
 
@@ -146,7 +146,7 @@ def _crop(job: CropJob, settings: CropSettings) -> CropResult:
     framing = None
     if box is None:  # the whole picture is the crop: no margin beyond its edges
         box, source, margin = whole_image_box(image), "image", 0.0
-        if settings.box_policy == "image":
+        if settings.box_policy in ("image", "aligned"):
             framing = face_framing(image)
 
     return CropResult(

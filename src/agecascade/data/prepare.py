@@ -36,7 +36,7 @@ from .cropper import CropJob, CropResult, CropSettings, Framing, Like, crop_file
 from .recipe import BOX_POLICIES, CropRecipe
 from .detect import available_detectors, resolve_detector
 from .imaging import DEFAULT_MAX_PIXELS
-from .landmarks import landmarks_available, zoomed
+from .landmarks import landmarks_available, realigned, zoomed
 from .report import DropReport
 from .store import COUNTS, CROPS, MANIFEST, REPORT, create_store, shrink_store
 
@@ -57,7 +57,8 @@ class PrepareConfig:
     margin: float = option(0.4, help="margin per side, x box side")
     box: str = option("auto", choices=BOX_POLICIES,
                       help="auto: dataset box > detector > whole image; image: whole image "
-                           "(for datasets that are already face crops)")
+                           "(for datasets that are already face crops); aligned: whole image, "
+                           "warped so the landmarks sit where predict puts them")
     like: Path | None = option(None, help="a model.pt trained on whole chips: frame each face "
                                           "as its training crops framed theirs (its detector, "
                                           "window and offset), as `predict` does, so fine-tuning "
@@ -200,10 +201,12 @@ def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport, config: P
             report.warn(rel, "duplicate_content", f"same bytes as {first_seen[result.sha1]}")
         first_seen.setdefault(result.sha1, rel)
         store[len(kept)] = result.crop
-        if result.framing is not None:
-            framings.append(result.framing)
+        framings.append(result.framing)
         kept.append(index)
         filled.append((*result.box, result.box_source, result.width, result.height, result.sha1))
+    framing = framing_summary([f for f in framings if f is not None])
+    if config.box == "aligned":
+        _align_chips(store, framings, framing, [paths[i] for i in kept], report)
     store.flush()
     del store  # unmapped before the file is cut short
     if len(kept) < len(jobs):
@@ -214,7 +217,24 @@ def _crop_into(path: Path, manifest: pd.DataFrame, report: DropReport, config: P
     final[columns] = pd.DataFrame(filled, columns=columns).astype(final[columns].dtypes.to_dict())
     report.kept = len(final)
     report.check_balance()
-    return final, framing_summary(framings)
+    return final, framing
+
+
+def _align_chips(store: np.ndarray, framings: list[Framing | None], summary: dict | None,
+                 paths: list[str], report: DropReport) -> None:
+    """Warp every stored chip so that its landmarks sit on the chips' median place (the
+    template), as ``predict`` warps a real face (``landmarks.realigned``). A chip whose face the
+    template's detector missed stays as it was, counted as ``not_aligned``."""
+    if summary is None or not summary["template"]:
+        raise UserError("--box aligned: the detector found no face in any chip, so there is no "
+                        "landmark template to align them on")
+    template = np.array(summary["template"])
+    for row, (framing, rel) in enumerate(zip(framings, paths)):
+        if framing is None or framing.landmarks is None or framing.detector != summary["detector"]:
+            found = "no face" if framing is None else f"the face by {framing.detector} only"
+            report.warn(rel, "not_aligned", f"{summary['detector']} found {found}: chip kept as it is")
+            continue
+        store[row] = realigned(store[row], np.array(framing.landmarks), template)
 
 
 def framing_summary(framings: list[Framing]) -> dict | None:
@@ -236,6 +256,9 @@ def framing_summary(framings: list[Framing]) -> dict | None:
 def run(config: PrepareConfig) -> DropReport:
     """Prepare one dataset into ``config.out``; the drop report it wrote."""
     settings = config.crop_settings  # first: a bad --like fails before any reading
+    if config.box == "aligned" and not landmarks_available():
+        raise UserError("--box aligned needs dlib's 5-point shape predictor "
+                        "(pip install 'agecascade[faces]')")
     manifest, report = get_adapter(config.dataset)(config.root)
     try:
         config.out.mkdir(parents=True, exist_ok=True)

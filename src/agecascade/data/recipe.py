@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BOX_POLICIES = ("auto", "image")
+BOX_POLICIES = ("auto", "image", "aligned")
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,8 @@ class CropRecipe:
     """How a model's training crops were cut, stored in its checkpoint so that ``predict`` cuts
     every face of a photo the same way: a square window around the face box, grown by ``margin``
     of the box side on every side, resized to ``size``. ``box_policy`` says where training boxes
-    came from: ``auto`` a face box (dataset or detector), ``image`` the whole (chip) image.
+    came from: ``auto`` a face box (dataset or detector), ``image`` the whole (chip) image,
+    ``aligned`` the whole chip warped so that its landmarks sit on the ``template``.
     ``box_source`` is where most training boxes came from (``dlib``, ``haar``, ``metadata``,
     ``landmarks``, ``image``; empty when unknown): detectors differ in how much of a face their
     box takes, so ``predict --detector auto`` uses the training crops' detector when it can."""
