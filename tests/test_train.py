@@ -652,3 +652,25 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
     champion = mlflow.pyfunc.load_model("models:/t-train@champion")
     np.testing.assert_allclose(champion.unwrap_python_model().predict_crops(images),
                                expected.numpy(), atol=1e-4)
+
+
+def test_an_epoch_capped_at_n_batches_reads_n_batches_and_no_more():
+    """`max_train_batches` (the grid's cap on a trial's cost) stops the epoch before it asks
+    the loader for batch N + 1: that batch's wait would be counted in `data_wait_fraction`."""
+    from agecascade.nets import create_model
+    from agecascade.train.engine import TrainConfig, adam, train_one_epoch
+
+    fetched = []
+
+    class Batches:  # a loader that counts what the loop asked of it
+        def __iter__(self):
+            for step in range(5):
+                fetched.append(step)
+                yield torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.arange(4)
+
+    model = create_model("resnet18", num_classes=10)
+    config = TrainConfig(epochs=1, lr=1e-3, batch_size=4, patience=1, input_size=32, seed=0,
+                         max_train_batches=2)
+    metrics = train_one_epoch(model, Batches(), adam(model.parameters(), 1e-3),
+                              Compute(torch.device("cpu")), config, epoch=0)
+    assert fetched == [0, 1] and np.isfinite(metrics["train_loss"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -90,10 +91,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     total = torch.zeros((), device=device)
     seen, waited, start = 0, 0.0, time.perf_counter()
     asked = start
-    for step, (images, labels) in enumerate(loader):
+    # islice, not a break: a break would fetch (and wait for) one batch past the limit
+    for images, labels in islice(loader, config.max_train_batches or None):
         waited += time.perf_counter() - asked  # the host blocked on the loader, not the device
-        if config.max_train_batches and step >= config.max_train_batches:
-            break
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         x = to_unit(images, config.input_size)
