@@ -20,29 +20,37 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from agecascade.data.cropper import face_framing
+from agecascade.data.cropper import Framing, face_framing
 from agecascade.data.landmarks import landmarks_available, similarity
+from agecascade.data.prepare import framing_summary
 from agecascade.errors import MissingInput, UserError
 
 BANDS = ((0, 2), (3, 5), (6, 12), (13, 19), (20, 39), (40, 59), (60, 200))
 
 
-def chip_landmarks(root: Path, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(ages (N,), landmarks (N, 5, 2) in chip sides, chips without a dlib face) for a seeded
-    sample of UTKFace-named chips (``AGE_GENDER_RACE_DATE.jpg.chip.jpg``)."""
+def chip_framings(root: Path, limit: int, seed: int) -> tuple[np.ndarray, list[Framing], int]:
+    """(ages (N,), the N framings `prepare --box image` measures, chips without a dlib face)
+    for a seeded sample of UTKFace-named chips (``AGE_GENDER_RACE_DATE.jpg.chip.jpg``)."""
     chips = sorted(root.rglob("*.chip.jpg"))
     if not chips:
         raise MissingInput(f"{root}: no UTKFace chips (*.chip.jpg)")
     random.Random(seed).shuffle(chips)
-    ages, points, missed = [], [], 0
+    ages, framings, missed = [], [], 0
     for chip in chips[:limit]:
         framing = face_framing(Image.open(chip).convert("RGB"))
         if framing is None or framing.detector != "dlib":
             missed += 1
             continue
         ages.append(int(chip.name.split("_")[0]))
-        points.append(framing.landmarks)
-    return np.array(ages), np.array(points), missed
+        framings.append(framing)
+    return np.array(ages), framings, missed
+
+
+def scale_and_shift(points: np.ndarray, template: np.ndarray) -> tuple[float, np.ndarray]:
+    """The zoom that takes ``points`` onto ``template`` (> 1: a face smaller than the
+    template's) and where that puts the chip's centre, from (0.5, 0.5) (chip sides)."""
+    fit = similarity(points, template)
+    return float(np.hypot(*fit[:, 0])), fit[:, :2] @ (0.5, 0.5) + fit[:, 2] - 0.5
 
 
 def main() -> None:
@@ -54,11 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     if not landmarks_available():
         raise UserError("needs dlib's 5-point shape predictor (pip install 'agecascade[faces]')")
-    ages, points, missed = chip_landmarks(args.root, args.limit, args.seed)
-    template = np.median(points, axis=0)
-    fits = [similarity(p, template) for p in points]
-    scale = np.array([np.hypot(*fit[:, 0]) for fit in fits])           # > 1: a smaller face
-    centre = np.array([fit[:, :2] @ (0.5, 0.5) + fit[:, 2] - 0.5 for fit in fits])
+    ages, framings, missed = chip_framings(args.root, args.limit, args.seed)
+    template = np.array(framing_summary(framings)["template"])   # the recipe's, as prepare makes it
+    points = np.array([f.landmarks for f in framings])
+    scale, centre = map(np.array, zip(*(scale_and_shift(p, template) for p in points)))
     eyes = np.linalg.norm(points[:, [0, 1]].mean(1) - points[:, [2, 3]].mean(1), axis=1)
     if not args.json:
         print(f"{len(ages)} chips with a dlib face, {missed} without; per band, medians:")

@@ -121,7 +121,6 @@ def test_chip_alignment_sees_a_chip_framed_smaller(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from agecascade.data.landmarks import similarity
     from conftest import shared_dataset
 
     chip_alignment = _load("chip_alignment")
@@ -131,9 +130,10 @@ def test_chip_alignment_sees_a_chip_framed_smaller(tmp_path):
         (tmp_path / chip.name).symlink_to(chip)
         Image.fromarray(np.pad(small, ((10, 10), (10, 10), (0, 0)), mode="edge")).save(
             tmp_path / f"150_{number}.jpg.chip.jpg")        # the copies: "aged" 150
-    ages, points, missed = chip_alignment.chip_landmarks(tmp_path, 100, seed=0)
+    ages, framings, missed = chip_alignment.chip_framings(tmp_path, 100, seed=0)
+    points = [np.array(f.landmarks) for f in framings]
     template = np.median(points, axis=0)
-    scale = np.array([np.hypot(*similarity(p, template)[:, 0]) for p in points])
+    scale = np.array([chip_alignment.scale_and_shift(p, template)[0] for p in points])
     assert len(ages) + missed == 16 and len(ages) >= 12
     ratio = np.median(scale[ages == 150]) / np.median(scale[ages != 150])
     assert ratio == pytest.approx(1 / 0.9, abs=0.04)
