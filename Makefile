@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DATASETS := imdb agedb fgnet adience utkface
 
-.PHONY: setup run demo-data test clean-outputs
+.PHONY: setup run demo-data test clean-outputs image image-test
 
 # Every DVC stage is a new Python process: with PYTHONDONTWRITEBYTECODE set (some machines set
 # it) each one would recompile the ~2,000 modules torch, torchvision and MLflow import, 17 s a
@@ -14,7 +14,7 @@ DATASETS := imdb agedb fgnet adience utkface
 unexport PYTHONDONTWRITEBYTECODE
 
 # Re-install only when the project's dependencies change.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "agecascade needs Python 3.11 (set PYTHON=...)"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# auto-sklearn's own Python 3.9 venv (stdlib-only builder; it says why when it cannot) builds
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@# the processes that import a module write its bytecode, see unexport above.
 	PYTHONPATH=src $(PYTHON) -m agecascade.features.automl_env > $(VENV)/automl-env.log 2>&1 & automl=$$!; \
 	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q -e '.[faces,onnx,dev]' && \
-	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q --no-deps facenet-pytorch==2.6.0; pip=$$?; \
+	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -q --no-deps -r requirements/no-deps.txt; pip=$$?; \
 	wait $$automl; automl=$$?; cat $(VENV)/automl-env.log; test $$pip = 0 && test $$automl = 0
 	touch $(STAMP)
 
@@ -58,6 +58,15 @@ run: demo-data
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The Dockerfile's two targets (pipeline, serve) with docker, else podman; see docker/image.sh for
+# ENGINE, IMAGE, BASE, WHEELS and CA_BUNDLE.
+image:
+	bash docker/image.sh build
+
+# Build, then inside the images: the fast tests, dvc repro on demo data, the served model.
+image-test:
+	bash docker/image.sh test
 
 clean-outputs:
 	rm -rf prepared

@@ -6,6 +6,7 @@ import argparse
 import ast
 import json
 import shlex
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def test_env_var_pointing_nowhere_is_reported_not_replaced(monkeypatch, tmp_path
 
 
 def test_wrong_python_version_is_named(monkeypatch):
-    monkeypatch.setenv(automl_env.ENV_VAR, str(REPO / ".venv" / "bin" / "python"))
+    monkeypatch.setenv(automl_env.ENV_VAR, sys.executable)  # the project's own Python 3.11
     found = automl_env.find_interpreter()
     assert isinstance(found, str) and "is Python 3.11" in found and "3.8 or 3.9" in found
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,18 @@ from pathlib import Path
 from agecascade.errors import UserError
 
 ENV_VAR = "AGECASCADE_AUTOSKLEARN_PYTHON"
-DEFAULT_PATH = Path(".venv-autosklearn")
+# Where the env is looked for by default: a container image keeps its own outside the mounted
+# checkout, whose ``.venv-autosklearn`` (if any) was built for the host's interpreter.
+PATH_VAR = "AGECASCADE_AUTOSKLEARN_ENV"
+DEFAULT_PATH = Path(os.environ.get(PATH_VAR) or ".venv-autosklearn")
 REQUIREMENTS = ("auto-sklearn==0.15.0", "numpy==1.23.5", "scipy==1.10.1")
 # scikit-learn 0.24.2, which auto-sklearn 0.15 requires, has wheels up to CPython 3.9 only.
 PYTHONS = ((3, 8), (3, 9))
 STAMP = "agecascade-autosklearn.json"
 _PROBE = "import sys; print(sys.version_info[0], sys.version_info[1], sys.executable)"
+# What ensurepip gives Python 3.9.18: installed by hand where the interpreter has no ensurepip
+# (Debian's python3.9 without python3.9-venv). auto-sklearn imports pkg_resources (setuptools).
+BOOTSTRAP = ("pip==23.0.1", "setuptools==58.1.0")
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,24 @@ def _run(command: list[str], what: str) -> str:
     return done.stdout
 
 
+def _make_venv(python: Path, path: Path) -> None:
+    """``python -m venv``; without ensurepip, a bare venv into which our own pip installs pip
+    from its wheel (``python pip.whl/pip``), so the env ends the same either way."""
+    if subprocess.run([str(python), "-c", "import ensurepip"], capture_output=True).returncode == 0:
+        _run([str(python), "-m", "venv", "--clear", str(path)], "python -m venv")
+        return
+    _run([str(python), "-m", "venv", "--clear", "--without-pip", str(path)], "python -m venv")
+    wheels = path / "bootstrap-wheels"
+    _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
+          "--no-deps", "--only-binary", ":all:", "-d", str(wheels), BOOTSTRAP[0]], "pip download")
+    (wheel,) = wheels.glob("pip-*.whl")
+    _run([str(env_python(path)), str(wheel / "pip"), "install", "--disable-pip-version-check",
+          "-q", "--no-index", str(wheel)], "bootstrapping pip")
+    shutil.rmtree(wheels)
+    _run([str(env_python(path)), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+          *BOOTSTRAP[1:]], "pip install setuptools")
+
+
 def create_env(path: Path = DEFAULT_PATH, log=print) -> Path:
     """Build (or find up to date) the auto-sklearn venv at ``path``; return its python.
 
@@ -129,7 +154,7 @@ def create_env(path: Path = DEFAULT_PATH, log=print) -> Path:
     log(f"building {path} with {found.executable} (Python {found.version[0]}.{found.version[1]}): "
         f"pip install {' '.join(REQUIREMENTS)}")
     try:
-        _run([str(found.executable), "-m", "venv", "--clear", str(path)], "python -m venv")
+        _make_venv(found.executable, path)
         _run([str(env_python(path)), "-m", "pip", "install", "--disable-pip-version-check", "-q",
               *REQUIREMENTS], "pip install")
         version = _run([str(env_python(path)), "-c",
@@ -163,8 +188,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # stdlib only: `make setup` builds it while the main install runs
-    import sys
-
     cli = argparse.ArgumentParser(prog="python -m agecascade.features.automl_env",
                                   description="build auto-sklearn's own Python 3.9 venv")
     add_arguments(cli)
