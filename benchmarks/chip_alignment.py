@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from agecascade.data.cropper import Framing, face_framing
-from agecascade.data.landmarks import landmarks_available, similarity
+from agecascade.data.landmarks import landmarks_available, scale_and_shift
 from agecascade.data.prepare import framing_summary
 from agecascade.errors import MissingInput, UserError
 
@@ -44,13 +44,6 @@ def chip_framings(root: Path, limit: int, seed: int) -> tuple[np.ndarray, list[F
         ages.append(int(chip.name.split("_")[0]))
         framings.append(framing)
     return np.array(ages), framings, missed
-
-
-def scale_and_shift(points: np.ndarray, template: np.ndarray) -> tuple[float, np.ndarray]:
-    """The zoom that takes ``points`` onto ``template`` (> 1: a face smaller than the
-    template's) and where that puts the chip's centre, from (0.5, 0.5) (chip sides)."""
-    fit = similarity(points, template)
-    return float(np.hypot(*fit[:, 0])), fit[:, :2] @ (0.5, 0.5) + fit[:, 2] - 0.5
 
 
 def main() -> None:

@@ -125,11 +125,14 @@ build() {
   local target start
   for target in serve pipeline; do
     start=$SECONDS
-    "$ENGINE" build "${BUILD_FLAGS[@]}" --target "$target" --build-arg "BASE=$BASE" \
-      "${PIP_FLAGS[@]}" -t "$IMAGE:$target" . > "build-$target.log" 2>&1 \
-      || { tail -20 "build-$target.log"; die "building target $target failed (build-$target.log)"; }
+    local command=("$ENGINE" build "${BUILD_FLAGS[@]}" --target "$target" --build-arg "BASE=$BASE"
+                   "${PIP_FLAGS[@]}" -t "$IMAGE:$target" .)
+    say "${CONTAINERS_CONF:+CONTAINERS_CONF=$CONTAINERS_CONF }$(printf '%q ' "${command[@]}")"
+    local log="${TMPDIR:-/tmp}/agecascade-build-$target.log"
+    "${command[@]}" > "$log" 2>&1 \
+      || { tail -20 "$log"; die "building target $target failed ($log)"; }
     say "$IMAGE:$target built in $((SECONDS - start)) s, $("$ENGINE" image inspect -f '{{.Size}}' "$IMAGE:$target" | awk '{printf "%.2f GB", $1/1e9}')"
-    rm -f "build-$target.log"
+    rm -f "$log"
   done
 }
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from agecascade import config as cli_config
 from agecascade.evaluation.lopo import LopoConfig, run
+from agecascade.train import distributed
 from agecascade.train.cascade import read_init
 
 
@@ -26,8 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = cli_config.from_args(LopoConfig, args)
-    if args.no_track:
-        summary, _ = run(config)
+    if args.no_track or not distributed.from_env().main:  # under torchrun rank 0 alone logs
+        done = run(config)
+        if done is None:
+            return 0
+        summary, _ = done
     else:
         from agecascade import tracking
 

@@ -3,7 +3,8 @@
 The grid, its resumable Optuna study and its settings live in ``agecascade.train.tune``; this
 module turns the command line into a ``TuneConfig`` (the grid, and the `train` options every
 point runs with, less those a point sets), walks the grid and logs it to MLflow unless
---no-track: a parent run, and one nested run per point this process trained. The study sits in
+--no-track: a parent run, and one nested run per point this process trained (under torchrun:
+rank 0's run, with every process's points). The study sits in
 OUT/optuna.db, a `persist: true` out, so `dvc repro` keeps it and an interrupted grid resumes;
 or in the storage --storage names, which several `tune` workers share to split the grid.
 """
@@ -14,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from agecascade import config as cli_config
+from agecascade.train import distributed
 from agecascade.train.finetune import FinetuneConfig
 from agecascade.train.tune import POINT_SETTINGS, TuneConfig, run, study_name
 
@@ -43,7 +45,8 @@ def log_trial(lr: float, batch: int, summary: dict) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from(args)
-    if args.no_track:
+    main_process = distributed.from_env().main  # under torchrun, rank 0 alone logs and prints
+    if args.no_track or not main_process:
         best = run(config)
     else:
         from agecascade import tracking
@@ -59,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
             best = run(config, log_trial)
             tracking.log_epoch(0, {"best_val_loss": best["val_loss"], "best_lr": best["lr"],
                                    "best_batch": best["batch"]})
-    print(f"best of {len(config.grid())}: lr {best['lr']:g}, batch {best['batch']} "
-          f"(val loss {best['val_loss']:.4f}) -> {config.out / 'best.json'}")
+    if main_process:
+        print(f"best of {len(config.grid())}: lr {best['lr']:g}, batch {best['batch']} "
+              f"(val loss {best['val_loss']:.4f}) -> {config.out / 'best.json'}")
     return 0

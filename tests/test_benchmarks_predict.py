@@ -115,12 +115,14 @@ def test_the_appearance_probe_scores_each_effect_on_the_split(tmp_path: Path, ca
 
 
 def test_chip_alignment_sees_a_chip_framed_smaller(tmp_path):
-    """benchmarks/chip_alignment.py: a copy of each chip with the face shrunk to 90 % (padded by
-    its edge colours) needs about 1 / 0.9 the zoom of its original to reach the template."""
+    """benchmarks/chip_alignment.py's chips and landmarks.scale_and_shift: a copy of each chip
+    with the face shrunk to 90 % (padded by its edge colours) needs about 1 / 0.9 the zoom of
+    its original to reach the template."""
     pytest.importorskip("face_recognition_models")
     import numpy as np
     from PIL import Image
 
+    from agecascade.data.landmarks import scale_and_shift
     from conftest import shared_dataset
 
     chip_alignment = _load("chip_alignment")
@@ -133,7 +135,7 @@ def test_chip_alignment_sees_a_chip_framed_smaller(tmp_path):
     ages, framings, missed = chip_alignment.chip_framings(tmp_path, 100, seed=0)
     points = [np.array(f.landmarks) for f in framings]
     template = np.median(points, axis=0)
-    scale = np.array([chip_alignment.scale_and_shift(p, template)[0] for p in points])
+    scale = np.array([scale_and_shift(p, template)[0] for p in points])
     assert len(ages) + missed == 16 and len(ages) >= 12
     ratio = np.median(scale[ages == 150]) / np.median(scale[ages != 150])
     assert ratio == pytest.approx(1 / 0.9, abs=0.04)

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from agecascade.cli import main
 from agecascade.errors import UserError
 from agecascade.train.data import BatchOrder, make_loader
+from agecascade.train import tune
 from agecascade.train.distributed import World
-from test_train import train_args, write_prepared
+from test_lopo import lopo_args, write_fgnet_like, write_init
+from test_train import train_args, tune_args, write_prepared
 
 BIN = Path(sys.executable).parent
 
@@ -81,7 +85,7 @@ def test_a_rank_outside_the_world_is_refused(monkeypatch):
 def test_commands_that_are_not_data_parallel_refuse_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "--model", "m.pt", "--manifest", "x"]) == 2
-    assert "only train is data-parallel" in capsys.readouterr().err
+    assert "only train, lopo, tune share their work between processes" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +132,68 @@ def test_torchrun_two_processes_train_like_one_and_rank_0_alone_writes(store, tm
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["train"], output_format="list")
     assert sorted(r.data.params["world_size"] for r in runs) == ["1", "2"]  # one run each
+
+
+def test_torchrun_shares_the_lopo_folds_and_predicts_as_one_process(tmp_path):
+    """Mode b under torchrun: each process trains its share of the folds, rank 0 the final
+    model and every output, and the predictions are those of one process (each fold starts
+    from the same weights with its own seed), up to float summation order."""
+    fgnet = write_fgnet_like(tmp_path / "prepared")
+    init = write_init(tmp_path / "init.pt", tuple(float(a) for a in range(100)))
+    argv = [a for a in lopo_args(fgnet, init, tmp_path / "two", "b", "--epochs", "1")
+            if a != "--no-track"]
+    two = run_train(argv, tmp_path, "torchrun --standalone --nproc-per-node 2 -m agecascade")
+    log = two.stdout + two.stderr
+    assert "2 processes share the folds" in log
+    assert len(re.findall(r"fold \d+/8 ", log)) == 8 and log.count('"mae"') == 1  # each once
+    run_train(lopo_args(fgnet, init, tmp_path / "one", "b", "--epochs", "1"), tmp_path,
+              "agecascade")
+    two_p, one_p = (pd.read_csv(tmp_path / d / "predictions.csv").sort_values("path")
+                    for d in ("two", "one"))
+    np.testing.assert_allclose(two_p["predicted"], one_p["predicted"], atol=0.05)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one").iterdir())        # no folds/ left behind
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["fgnet_lopo"], output_format="list")
+    assert sum(r.data.tags.get("mlflow.parentRunId") is None for r in runs) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") is not None]
+    assert len(children) == 8  # a child run per fold, the other process's folds included
+
+
+def test_mode_a_refuses_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fgnet = write_fgnet_like(tmp_path / "prepared")
+    init = write_init(tmp_path / "init.pt", tuple(float(a) for a in range(100)))
+    assert main(lopo_args(fgnet, init, tmp_path / "a", "a")) == 2
+    assert "mode a trains every fold's head at once in one process" in capsys.readouterr().err
+
+
+def test_torchrun_processes_share_the_tune_grid_and_rank_0_logs_every_point(tmp_path):
+    """Under torchrun each process is a worker of the grid's study: every point is trained
+    once by one of them, alone; rank 0 writes best.json and logs all four points."""
+    from test_tune_shared import study_of
+
+    store = write_prepared(tmp_path / "prepared", n=40)
+    argv = [a for a in tune_args(store, tmp_path / "tune", ("0.01", "0.001"), ("8", "16"),
+                                 "--max-train-batches", "1") if a != "--no-track"]
+    done = run_train(argv, tmp_path, "torchrun --standalone --nproc-per-node 2 -m agecascade")
+    log = done.stdout + done.stderr
+    assert len(re.findall(r"^epoch 1/1 ", log, re.M)) == 4 and log.count("best of 4") == 1
+    study = study_of(argv)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(tune.point_of(t) for t in complete) == [(0.001, 8), (0.001, 16), (0.01, 8),
+                                                          (0.01, 16)]
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    winner = min(complete, key=lambda t: t.value)
+    assert best == {**winner.params, "val_loss": winner.value}
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tune"], output_format="list")
+    points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") is not None]
+    assert len(runs) - len(points) == 1  # one grid run, rank 0's
+    assert sorted((float(r.data.params["lr"]), int(r.data.params["batch"]),
+                   r.data.metrics["val_loss"]) for r in points) == \
+        sorted((*tune.point_of(t), t.value) for t in complete)

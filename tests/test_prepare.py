@@ -350,7 +350,7 @@ def test_aligned_chips_put_every_face_s_landmarks_on_the_template(tmp_path):
     from conftest import shared_dataset
 
     from agecascade.data.cropper import face_framing
-    from agecascade.data.landmarks import similarity
+    from agecascade.data.landmarks import scale_and_shift
     from agecascade.data.store import crop_recipe
 
     chips = sorted(shared_dataset("utkface-dev").rglob("*.chip.jpg"))[:12]
@@ -366,10 +366,8 @@ def test_aligned_chips_put_every_face_s_landmarks_on_the_template(tmp_path):
         template = np.array(crop_recipe(out).template)
         found = [face_framing(Image.fromarray(crop)) for crop in np.load(out / "crops.npy")]
         # how far each crop's face is from the template in zoom (log scale) and place
-        fits = [similarity(np.array(f.landmarks), template) for f in found if f is not None]
-        return float(np.median([abs(np.log(np.hypot(*fit[:, 0])))
-                                + np.hypot(*(fit[:, :2] @ (0.5, 0.5) + fit[:, 2] - 0.5))
-                                for fit in fits]))
+        fits = [scale_and_shift(np.array(f.landmarks), template) for f in found if f is not None]
+        return float(np.median([abs(np.log(zoom)) + np.hypot(*shift) for zoom, shift in fits]))
 
     raw, aligned = spread("image"), spread("aligned")
     assert aligned < 0.5 * raw, (raw, aligned)

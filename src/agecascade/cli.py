@@ -54,9 +54,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that run data-parallel under torchrun (agecascade.train.distributed). The others
-# would run WORLD_SIZE copies writing the same outputs, so they refuse.
-DATA_PARALLEL = ("train",)
+# Commands that share their work between torchrun's processes: train data-parallel (DDP,
+# agecascade.train.distributed), lopo its folds, tune its grid points. The others would run
+# WORLD_SIZE copies writing the same outputs, so they refuse.
+DATA_PARALLEL = ("train", "lopo", "tune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(chosen if chosen in COMMANDS else "").parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DATA_PARALLEL:
         print(f"agecascade {args.command}: error: runs in one process; under torchrun "
-              f"(WORLD_SIZE {os.environ['WORLD_SIZE']}) only {', '.join(DATA_PARALLEL)} is "
-              "data-parallel", file=sys.stderr)
+              f"(WORLD_SIZE {os.environ['WORLD_SIZE']}) only {', '.join(DATA_PARALLEL)} share "
+              "their work between processes", file=sys.stderr)
         return 2
     try:
         return args.run(args)

@@ -69,6 +69,14 @@ def similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def scale_and_shift(points: np.ndarray, template: np.ndarray) -> tuple[float, np.ndarray]:
+    """How far a crop's face is from the template: the zoom that takes ``points`` onto
+    ``template`` (> 1: a face smaller than the template's) and where that puts the crop's
+    centre, from (0.5, 0.5) (crop sides)."""
+    fit = similarity(points, template)
+    return float(np.hypot(*fit[:, 0])), fit[:, :2] @ (0.5, 0.5) + fit[:, 2] - 0.5
+
+
 def zoomed(template: np.ndarray, zoom: float) -> np.ndarray:
     """The template in the coordinates of the crop's central ``zoom`` (what the network saw)."""
     return (np.asarray(template, dtype=np.float64) - (1.0 - zoom) / 2.0) / zoom
@@ -101,11 +109,10 @@ def realigned(crop: np.ndarray, points: np.ndarray, template: np.ndarray) -> np.
     """``crop`` (an aligned chip, (size, size, 3) uint8) warped so that its landmarks
     ``points`` (crop sides) land exactly on ``template``, as ``predict`` warps a real face.
 
-    Why: a dataset's own alignment is not ours. UTKFace's chips place the landmarks of babies
-    about 4 % wider apart than adults' (their own aligner fits the whole face), while ``predict``
-    puts every face's landmarks on the one median template; a network trained on the raw chips
-    reads the smaller inner face as older (docs/zero-shot.md). The chip is mirrored past its
-    edges first, so the small shift and zoom fill the corners with face-like background, not
+    Why: a dataset's own alignment is not ours. UTKFace's aligner frames babies' inner faces
+    larger than adults' (it fits the whole face; measured in docs/zero-shot.md, item 10), while
+    ``predict`` puts every face's landmarks on the one median template. The chip is mirrored
+    past its edges first, so the small shift and zoom fill the corners with face-like background, not
     black."""
     size = crop.shape[0]
     pad = size // 4

@@ -232,7 +232,8 @@ def _align_chips(store: np.ndarray, framings: list[Framing | None], summary: dic
     for row, (framing, rel) in enumerate(zip(framings, paths)):
         if framing is None or framing.landmarks is None or framing.detector != summary["detector"]:
             found = "no face" if framing is None else f"the face by {framing.detector} only"
-            report.warn(rel, "not_aligned", f"{summary['detector']} found {found}: chip kept as it is")
+            report.warn(rel, "not_aligned",
+                        f"{summary['detector']} found {found}: chip kept as it is")
             continue
         store[row] = realigned(store[row], np.array(framing.landmarks), template)
 

@@ -8,6 +8,11 @@ the heads of many folds train at the same time: one vmapped forward through stac
 which each fold's loss masks out its own held-out subject. Modes b and c can likewise fine-tune
 only the trunk's last blocks (``train_blocks``): the frozen stem then also runs once per image.
 
+Under ``torchrun`` (modes b and c) the folds are shared out: process RANK trains the missing
+folds RANK, RANK + WORLD_SIZE, ... Each fold starts from the same weights with its own seed, so
+its predictions do not depend on the world size. Rank 0 then trains the final model and
+writes every output; the other processes write only their folds' CSVs.
+
 Finished folds are kept in ``out/folds/`` with a fingerprint of what produced them (settings,
 starting weights, crops, code; see :func:`settings_key`), so a rerun after an interruption
 trains only the folds that are missing. A fold's CSV is written atomically: it exists only
@@ -48,6 +53,7 @@ from agecascade.nets.weights import InputSpec
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
 from agecascade.train.data import (IMAGENET, Augment, LabelSpace, augment_batch, label_space_for,
                                    normalise, to_unit)
+from agecascade.train import distributed
 from agecascade.train.compute import Compute, choose_compute, precision_option
 from agecascade.train.engine import adam, pick_device
 
@@ -270,10 +276,11 @@ def _fold_frame(data: FoldData, rows: np.ndarray, probs: torch.Tensor, space: La
 
 def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
              manifest: pd.DataFrame, crops: np.ndarray, config: LopoConfig, compute: Compute,
-             key: str, on_fold: Callable[[str, pd.DataFrame], None] | None = None
-             ) -> tuple[pd.DataFrame, AgeNet]:
+             key: str, on_fold: Callable[[str, pd.DataFrame], None] | None = None,
+             world: distributed.World = distributed.World()
+             ) -> tuple[pd.DataFrame, AgeNet] | None:
     """Predictions for every image from the fold that held its subject out, and a final model
-    trained the same way on every subject (the one to deploy).
+    trained the same way on every subject (the one to deploy); None on a rank other than 0.
 
     ``start`` is the state every fold begins from; ``key`` names the settings (see
     :func:`settings_key`) so that finished folds of other settings are not reused. The folds
@@ -281,12 +288,14 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
     """
     folds_dir = config.out / FOLDS_DIR
     stamp = folds_dir / "settings.txt"
-    if folds_dir.exists() and (not stamp.exists() or stamp.read_text() != key):
-        print(f"{folds_dir} holds folds of other settings: starting over")
-        for stale in folds_dir.glob("*.csv"):
-            stale.unlink()
-    folds_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stamp, key)
+    if world.main:
+        if folds_dir.exists() and (not stamp.exists() or stamp.read_text() != key):
+            print(f"{folds_dir} holds folds of other settings: starting over")
+            for stale in folds_dir.glob("*.csv"):
+                stale.unlink()
+        folds_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(stamp, key)
+    distributed.barrier()
 
     model = model.to(compute.device, memory_format=compute.memory_format)
     data = FoldData.load(manifest, crops, space, config.input_size, compute.device)
@@ -294,19 +303,32 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
     subjects = sorted(set(data.subjects))
     fold_file = {s: folds_dir / f"{i:03d}.csv" for i, s in enumerate(subjects)}
     todo = [s for s in subjects if not fold_file[s].exists()]
-    if len(todo) < len(subjects):
+    distributed.barrier()  # every process has read what is missing before one more is written
+    if len(todo) < len(subjects) and world.main:
         print(f"resuming: {len(subjects) - len(todo)} of {len(subjects)} folds already done")
+    mine = todo[world.rank::world.size]
 
     def finished(subject: str, frame: pd.DataFrame) -> None:
         to_csv_atomic(frame, fold_file[subject])  # whole or absent: present means finished
         if on_fold is not None:
             on_fold(subject, frame)
 
+    def gathered() -> bool:
+        """After every process's folds: on rank 0, report the others' to ``on_fold``; True
+        where the run goes on (rank 0)."""
+        distributed.barrier()
+        if world.main and on_fold is not None:
+            for subject in sorted(set(todo) - set(mine)):
+                on_fold(subject, pd.read_csv(fold_file[subject], dtype={"subject": str}))
+        return world.main
+
     if config.mode == "a":
         final = _lopo_heads(model, start, data, spec, space, config, compute, todo, paths, finished)
     else:
-        final = _lopo_finetune(model, start, data, spec, space, config, compute, subjects, todo,
-                               paths, finished)
+        final = _lopo_finetune(model, start, data, spec, space, config, compute, subjects, mine,
+                               paths, finished, gathered)
+        if final is None:
+            return None
     predictions = pd.concat([pd.read_csv(fold_file[s], dtype={"subject": str}) for s in subjects],
                             ignore_index=True)
     return predictions, final.eval()
@@ -315,10 +337,12 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
 def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
                    space: LabelSpace, config: LopoConfig, compute: Compute,
                    subjects: list[str], todo: list[str], paths: np.ndarray,
-                   finished: Callable[[str, pd.DataFrame], None]) -> AgeNet:
+                   finished: Callable[[str, pd.DataFrame], None],
+                   gathered: Callable[[], bool] = lambda: True) -> AgeNet | None:
     """Modes b and c: each fold fine-tunes from ``start``: the whole network on augmented
     images, or (``config.train_blocks``) only the trunk's last blocks and the head, on the
-    frozen stem's outputs of each image and its mirror image, computed once for all folds."""
+    frozen stem's outputs of each image and its mirror image, computed once for all folds.
+    The final model follows the folds where ``gathered()`` says so (None elsewhere)."""
     device, nhwc = compute.device, compute.nhwc
     model.load_state_dict(start)
     if config.train_blocks:
@@ -353,6 +377,8 @@ def _lopo_finetune(model: AgeNet, start: dict, data: FoldData, spec: InputSpec,
         finished(subject, frame)
         print(f"fold {fold + 1}/{len(subjects)} ({subject}): "
               f"MAE {(frame['predicted'] - frame['age']).abs().mean():.2f}")
+    if not gathered():
+        return None
     train_fold(net, net_start, inputs, data.labels, np.arange(len(paths)), config, compute,
                config.seed * 1_000 + len(subjects))
     if net is not model:
@@ -411,11 +437,24 @@ def summarise(predictions: pd.DataFrame) -> dict[str, float]:
 
 
 def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None = None,
-        init: Mapping | None = None) -> tuple[dict, pd.DataFrame]:
+        init: Mapping | None = None) -> tuple[dict, pd.DataFrame] | None:
     """The protocol as ``config`` says; write its outputs (see the module's docstring) and
-    return (metrics.json's content, MAE per subject). ``init``: ``config.model`` already read,
-    if the caller has it. ``on_fold(subject, predictions)`` sees each newly finished fold."""
-    device = pick_device(config.device)
+    return (metrics.json's content, MAE per subject), or None on a torchrun rank other than 0.
+    ``init``: ``config.model`` already read, if the caller has it. ``on_fold(subject,
+    predictions)`` sees each newly finished fold."""
+    if distributed.from_env().size > 1 and config.mode == "a":
+        raise UserError("mode a trains every fold's head at once in one process: run it "
+                        "without torchrun")
+    world, device = distributed.join(pick_device(config.device))
+    try:
+        return _run(config, on_fold, init, world, device)
+    finally:
+        distributed.leave()
+
+
+def _run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None,
+         init: Mapping | None, world: distributed.World, device: torch.device
+         ) -> tuple[dict, pd.DataFrame] | None:
     manifest, crops = load_prepared(config.manifest)
     space = label_space_for(manifest)
     torch.manual_seed(config.seed)  # a fresh output layer starts the same in every run and fold
@@ -437,9 +476,14 @@ def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None 
     start = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
     config.out.mkdir(parents=True, exist_ok=True)
     compute = choose_compute(device, model.arch, config.precision)
-    print(f"computing on {compute.describe()}")
-    predictions, final = run_lopo(model, start, spec, space, manifest, crops, config, compute,
-                                  settings_key(config, init, device), on_fold)
+    if world.main:
+        print(f"computing on {compute.describe()}" +
+              (f"; {world.size} processes share the folds" if world.size > 1 else ""))
+    done = run_lopo(model, start, spec, space, manifest, crops, config, compute,
+                    settings_key(config, init, device), on_fold, world)
+    if done is None:
+        return None
+    predictions, final = done
 
     # only the whole-network modes zoom (AUGMENT); cached views (mode a, train_blocks) do not
     zoom = AUGMENT.mean_zoom if config.mode != "a" and not config.train_blocks else 1.0

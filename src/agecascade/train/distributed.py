@@ -50,19 +50,27 @@ def from_env() -> World:
     return world
 
 
+def own_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun on CUDA, GPU LOCAL_RANK; otherwise ``device``."""
+    world = from_env()
+    if world.size == 1 or device.type != "cuda":
+        return device
+    if device.index not in (None, world.local_rank):
+        raise UserError(f"--device {device}: under torchrun each process takes the GPU of "
+                        "its LOCAL_RANK; pass --device cuda or auto")
+    device = torch.device("cuda", world.local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
 def join(device: torch.device) -> tuple[World, torch.device]:
-    """Join torchrun's process group (once per process) and return this process's device:
-    under torchrun on CUDA, GPU LOCAL_RANK; otherwise ``device`` unchanged."""
+    """Join torchrun's process group (once per process) and return this process's device
+    (:func:`own_device`)."""
     world = from_env()
     if world.size == 1:
         return world, device
-    if device.type == "cuda":
-        if device.index not in (None, world.local_rank):
-            raise UserError(f"--device {device}: under torchrun each process takes the GPU of "
-                            "its LOCAL_RANK; pass --device cuda or auto")
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
+    device = own_device(device)
+    if device.type not in ("cuda", "cpu"):
         raise UserError(f"--device {device}: data-parallel runs support cpu (gloo) and cuda "
                         "(NCCL)")
     if not dist.is_initialized():
@@ -92,6 +100,12 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     # gradients as views of DDP's buckets: no second copy of them in memory
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                    else None, gradient_as_bucket_view=True)
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in one process)."""
+    if active():
+        dist.barrier()
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,8 @@ def age_distribution(labels: torch.Tensor, classes: int, sigma: float) -> torch.
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    compute: Compute, config: TrainConfig, epoch: int) -> dict[str, float]:
+                    compute: Compute, config: TrainConfig, epoch: int,
+                    world: distributed.World = distributed.World()) -> dict[str, float]:
     """One pass over ``loader``. The loss is summed on the device and read once at the end: a
     ``.item()`` per step would make the host wait for every step on a GPU.
     ``data_wait_fraction``: the share of the epoch the loop spent waiting for its next batch
@@ -86,8 +87,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     what one process would)."""
     model.train()
     device = compute.device
-    rank = distributed.from_env().rank
-    gen = torch.Generator().manual_seed(config.seed * 7_919 + epoch + 1_000_003 * rank)
+    gen = torch.Generator().manual_seed(config.seed * 7_919 + epoch + 1_000_003 * world.rank)
     total = torch.zeros((), device=device)
     seen, waited, start = 0, 0.0, time.perf_counter()
     asked = start
@@ -174,7 +174,7 @@ def _save_best(out: Path, best: dict, meta: dict) -> None:
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages: torch.Tensor,
         optimizer: torch.optim.Optimizer, config: TrainConfig, compute: Compute, out: Path,
         meta: dict, on_epoch: Callable[[int, dict], None] | None = None,
-        key: str | None = None) -> list[dict]:
+        key: str | None = None, world: distributed.World = distributed.World()) -> list[dict]:
     """Train ``config.epochs`` epochs; keep the lowest-val-MAE weights in ``out/model.pt``.
 
     The LR schedule follows the validation loss, as in the thesis; the kept model follows the
@@ -185,11 +185,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
     ``key`` decides whether an existing ``out/last.pt`` may be resumed: a fingerprint of the
     content the run depends on (starting weights, data, code, settings); without one, ``meta``
     and ``config`` decide. ``on_epoch`` sees the epochs trained in this call only.
-    Under torchrun every process trains (through DDP) and evaluates its share; rank 0 alone
-    writes files, prints and calls ``on_epoch``.
+    Under torchrun (``world``: this process's place) every process trains (through DDP) and
+    evaluates its share; rank 0 alone writes files, prints and calls ``on_epoch``.
     Returns the per-epoch history, restored epochs included.
     """
-    writer = distributed.from_env().main
+    writer = world.main
     out.mkdir(parents=True, exist_ok=True)
     key = key or fingerprint(meta=meta, config=config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
@@ -214,7 +214,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
     trained = distributed.wrap(model, compute.device)
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
-        metrics = train_one_epoch(trained, train_loader, optimizer, compute, config, epoch)
+        metrics = train_one_epoch(trained, train_loader, optimizer, compute, config, epoch, world)
         metrics |= evaluate(model, val_loader, compute, config.input_size, ages, config.input_spec)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step(metrics["val_loss"])

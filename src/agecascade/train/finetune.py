@@ -143,11 +143,15 @@ class Start:
     world: distributed.World = distributed.World()
 
 
-def starting_point(config: FinetuneConfig) -> Start:
+def starting_point(config: FinetuneConfig, alone: bool = False) -> Start:
     """Read the --init checkpoint and pick the device; under torchrun, join the process group
-    (this process's GPU on CUDA)."""
+    (this process's GPU on CUDA), unless ``alone``: then this process trains by itself, on its
+    own GPU (a `tune` worker's trial)."""
     init = read_init(config.init) if config.init else None
-    world, device = distributed.join(pick_device(config.device))
+    if alone:
+        world, device = distributed.World(), distributed.own_device(pick_device(config.device))
+    else:
+        world, device = distributed.join(pick_device(config.device))
     return Start(init, device, resume_key(config, init, device, world.size), world)
 
 
@@ -213,7 +217,7 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
             "world_size": world.size,
             "crop": asdict(crop_recipe(config.manifest, loop.augment.mean_zoom))}
     history = fit(model, train_loader, val_loader, ages, optimizer, loop, compute, config.out,
-                  meta, on_epoch, start.key)
+                  meta, on_epoch, start.key, world)
     if not world.main:  # rank 0 scores the kept weights and writes the summary
         return {}, model
     return finish(config, model, history, crops, labels, rows, ages, compute, space), model

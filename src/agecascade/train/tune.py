@@ -20,6 +20,11 @@ split its points through Optuna's queue. Each worker, in rounds:
    that set changes), polling every :data:`POLL_S` seconds, and goes back to 1. A point another
    worker failed is thus trained by a worker still running.
 
+Under ``torchrun`` each process is such a worker, on its own GPU (LOCAL_RANK) on CUDA, training
+its points alone (no DDP: the grid's points are independent runs). Rank 0 alone writes
+``best.json`` and reports every process's points to ``on_trial`` (the others' from the metrics
+each worker stores on its trials).
+
 So every worker ends with the grid complete and writes the same ``out/best.json`` (the best
 COMPLETE trial), which `agecascade train --hparams` reads
 (:func:`agecascade.train.finetune.read_hparams`); none writes it from a partial grid. A rerun
@@ -60,7 +65,7 @@ from agecascade.atomic import write_text_atomic
 from agecascade.cache import fingerprint
 from agecascade.config import option
 from agecascade.errors import UserError
-from agecascade.train import finetune
+from agecascade.train import distributed, finetune
 from agecascade.train.finetune import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -76,6 +81,7 @@ JOURNAL = "journal:"  # --storage journal:PATH, an Optuna journal file
 HEARTBEAT_S = 60      # RDB storages: a trial's heartbeat period; 2x this is the grace period
 POLL_S = 5.0          # how often a worker waiting for the others' points looks again
 WORKER = "worker"     # the user attr that names a trial's worker: {"host", "pid"}
+METRICS = "metrics"   # the user attr holding a finished trial's summary (its float values)
 
 Point = tuple[float, int]
 
@@ -132,7 +138,7 @@ def study_name(config: TuneConfig) -> str:
     first point's key stands for every point's: they differ by the grid's values alone."""
     first = config.point(*config.grid()[0])
     key = fingerprint(grid={"lr": list(config.lrs), "batch": list(config.batches)},
-                      trial=finetune.starting_point(first).key)
+                      trial=finetune.starting_point(first, alone=True).key)
     return f"{config.trial.backbone}-{config.trial.manifest.name}-{key[:16]}"
 
 
@@ -163,7 +169,9 @@ def run(config: TuneConfig,
     write and return best.json's content ({"lr", "batch", "val_loss"}) once the grid is
     complete. ``on_trial(lr, batch, summary)`` sees each point this worker trains."""
     import optuna
+    from optuna.trial import TrialState
 
+    world = distributed.from_env()
     config.out.mkdir(parents=True, exist_ok=True)
     storage = open_storage(config)
     study = optuna.create_study(study_name=study_name(config), direction="minimize",
@@ -190,8 +198,18 @@ def run(config: TuneConfig,
     best = study.best_trial
     shutil.rmtree(config.out / "trials", ignore_errors=True)
     content = {"lr": best.params["lr"], "batch": best.params["batch"], "val_loss": best.value}
+    if world.size > 1 and not world.main:
+        return content
+    if world.size > 1 and on_trial is not None:  # the other processes' points, as rank 0's
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.user_attrs.get(WORKER) != this_worker():
+                on_trial(t.params["lr"], t.params["batch"], t.user_attrs.get(METRICS, {}))
     write_text_atomic(config.out / "best.json", json.dumps(content, indent=2) + "\n")
     return content
+
+
+def this_worker() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def work(config: TuneConfig, study: optuna.Study, storage: BaseStorage,
@@ -207,13 +225,17 @@ def work(config: TuneConfig, study: optuna.Study, storage: BaseStorage,
             continue
         try:
             with heartbeat(storage, trial_id(study, storage, asked.number)):
-                loss = trial(config, lr, batch, on_trial)
+                summary = trial(config, lr, batch)
         except (Exception, KeyboardInterrupt):  # as study.optimize: Ctrl-C fails the trial too
             study.tell(asked, state=TrialState.FAIL, skip_if_finished=True)
             raise
+        asked.set_user_attr(METRICS, {k: v for k, v in summary.items() if isinstance(v, float)})
+        loss = summary["val_loss"]
         # skip_if_finished: a worker whose heartbeat stalled past the grace period finds its
         # trial failed by another, which trains the point again: drop this result, go on
-        study.tell(asked, loss, skip_if_finished=True)
+        study.tell(asked, loss if math.isfinite(loss) else math.inf, skip_if_finished=True)
+        if on_trial is not None:
+            on_trial(lr, batch, summary)
 
 
 def pop(config: TuneConfig, study: optuna.Study) -> optuna.trial.Trial | None:
@@ -229,7 +251,7 @@ def pop(config: TuneConfig, study: optuna.Study) -> optuna.trial.Trial | None:
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         asked = study.ask({"lr": CategoricalDistribution(config.lrs),
                            "batch": CategoricalDistribution(config.batches)})
-    asked.set_user_attr(WORKER, {"host": socket.gethostname(), "pid": os.getpid()})
+    asked.set_user_attr(WORKER, this_worker())
     return asked
 
 
@@ -352,13 +374,9 @@ def heartbeat(storage: BaseStorage, storage_id: int) -> Iterator[None]:
         thread.join()
 
 
-def trial(config: TuneConfig, lr: float, batch: int,
-          on_trial: Callable[[float, int, dict], None] | None) -> float:
-    """The objective: one point's validation loss (inf when training diverged)."""
+def trial(config: TuneConfig, lr: float, batch: int) -> dict:
+    """One point trained by this process alone: its summary (the objective is its val_loss)."""
     point = config.point(lr, batch)
-    summary, _ = finetune.run(point)
+    summary, _ = finetune.run(point, start=finetune.starting_point(point, alone=True))
     shutil.rmtree(point.out)  # a trial's weights are not worth keeping
-    if on_trial is not None:
-        on_trial(lr, batch, summary)
-    loss = summary["val_loss"]
-    return loss if math.isfinite(loss) else math.inf
+    return summary
