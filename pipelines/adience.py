@@ -16,6 +16,7 @@ from typing import Iterator
 from agecascade import config as cli_config
 from agecascade.evaluation.adience import (CONFUSION, ROWS, AdienceConfig, OnEpoch,
                                            load_protocol, run)
+from agecascade.train import distributed
 
 EXPERIMENT, RUN_ID = "adience", "mlflow_run_id"
 
@@ -76,8 +77,10 @@ def _finite(value) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     config = cli_config.from_args(AdienceConfig, args)
-    if args.no_track:
+    if args.no_track or not distributed.from_env().main:  # under torchrun rank 0 alone logs
         metrics = run(config)
+        if metrics is None:
+            return 0
     else:
         import mlflow
 

@@ -20,6 +20,8 @@ from agecascade.errors import UserError
 from agecascade.train.data import BatchOrder, make_loader
 from agecascade.train import tune
 from agecascade.train.distributed import World
+from test_adience import write_adience
+from test_adience import write_init as write_adience_init
 from test_lopo import lopo_args, write_fgnet_like, write_init
 from test_train import train_args, tune_args, write_prepared
 
@@ -85,7 +87,8 @@ def test_a_rank_outside_the_world_is_refused(monkeypatch):
 def test_commands_that_are_not_data_parallel_refuse_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "--model", "m.pt", "--manifest", "x"]) == 2
-    assert "only train, lopo, tune share their work between processes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "only train, lopo, tune, adience share their work between processes" in err
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +200,30 @@ def test_torchrun_processes_share_the_tune_grid_and_rank_0_logs_every_point(tmp_
     assert sorted((float(r.data.params["lr"]), int(r.data.params["batch"]),
                    r.data.metrics["val_loss"]) for r in points) == \
         sorted((*tune.point_of(t), t.value) for t in complete)
+
+
+def test_torchrun_shares_the_adience_folds_and_scores_as_one_process(tmp_path):
+    """Each process trains every second fold untracked; rank 0 reuses them all, logging each
+    under its grid run, and writes the summary that one process writes."""
+    store = write_adience(tmp_path / "prepared")
+    init = write_adience_init(tmp_path / "init.pt")
+
+    def argv(out: str) -> list[str]:
+        return ["adience", "--manifest", str(store), "--init", str(init), "--out",
+                str(tmp_path / out), "--epochs", "2", "--lr", "0.001", "--batch", "16",
+                "--device", "cpu"]
+
+    two = run_train(argv("two"), tmp_path, "torchrun --standalone --nproc-per-node 2 -m agecascade")
+    log = two.stdout + two.stderr
+    run_train([*argv("one"), "--no-track"], tmp_path, "agecascade")
+    folds = pd.read_csv(tmp_path / "two" / "folds.csv")
+    assert len(folds) == 10 and len(re.findall(r"training on \d+", log)) == 10  # each once
+    metrics = {d: json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one")}
+    for key, value in metrics["one"].items():
+        assert metrics["two"][key] == pytest.approx(value, abs=0.02), key
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["adience"], output_format="list")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") is not None]
+    assert len(runs) - len(children) == 1 and len(children) == 10  # a run per fold, under rank 0's

@@ -55,9 +55,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # Commands that share their work between torchrun's processes: train data-parallel (DDP,
-# agecascade.train.distributed), lopo its folds, tune its grid points. The others would run
-# WORLD_SIZE copies writing the same outputs, so they refuse.
-DATA_PARALLEL = ("train", "lopo", "tune")
+# agecascade.train.distributed), lopo and adience their folds, tune its grid points. The
+# others would run WORLD_SIZE copies writing the same outputs, so they refuse.
+DATA_PARALLEL = ("train", "lopo", "tune", "adience")
 
 
 def main(argv: list[str] | None = None) -> int:

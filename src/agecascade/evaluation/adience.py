@@ -26,7 +26,8 @@ confusion_g<G>.png (pooled over the test folds). Each fold keeps its state in
 settings, init weights, crops and code matches), rows.csv (which face was train/val/test/left
 out, and each test face's prediction), history.csv and confusion.png. ``fit``'s last.pt resumes
 a full fine-tune inside a fold. This module logs nothing: the stage passes a
-:class:`FoldTracker` to do that.
+:class:`FoldTracker` to do that. Under torchrun the processes share the folds
+(:func:`share_folds`) and rank 0 writes the rest.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ from agecascade.nets import AgeNet, freeze_features
 from agecascade.nets.backbones import he_init
 from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
+from agecascade.train import distributed
 from agecascade.train.cascade import model_from_init, read_init
 from agecascade.train.data import assign_split, make_loader, to_input
 from agecascade.train.compute import Compute, choose_compute, precision_option
@@ -69,6 +71,7 @@ GROUPINGS: dict[int, tuple[str, list[str]]] = {8: ("age_group", GROUPS), 3: ("ag
 CHILD = GROUPS3.index("0-12")
 MERGE_8_TO_3 = np.array([GROUPS3.index(TO_GROUP3[g]) for g in GROUPS])  # (8,) group -> 3-group
 RESULT, ROWS, CONFUSION = "result.json", "rows.csv", "confusion.png"
+POLL_S = 5.0  # under torchrun: how often a process that finished its folds looks for the others'
 OnEpoch = Callable[[int, dict], None]
 
 
@@ -164,7 +167,7 @@ def load_protocol(config: AdienceConfig) -> Protocol:
         raise UserError(f"{config.init}: not a stage model.pt (needs 'model' and 'meta' with "
                         "arch, ages, input_spec, input_size)")
     folds = manifest["fold"].astype("Float64").fillna(-1).to_numpy(dtype=np.int64)
-    device = pick_device(config.device)
+    device = distributed.own_device(pick_device(config.device))
     key = run_key({}, config.manifest, device.type, init)  # each fold adds its settings
     compute = choose_compute(device, init["meta"]["arch"], config.precision)
     print(f"computing on {compute.describe()}")
@@ -431,7 +434,14 @@ def run_grouping(config: AdienceConfig, p: Protocol, groups: int,
                  tracker: FoldTracker | None) -> tuple[list[dict], dict]:
     """Every fold of one grouping, reusing finished ones; (per-fold results, label counts)."""
     grouping = _Grouping(config, p, groups)
-    labels = grouping.labels
+    folds, counts = grouping_folds(config, p, grouping)
+    return [run_fold(config, p, grouping, k, tracker) for k in folds], counts
+
+
+def grouping_folds(config: AdienceConfig, p: Protocol, grouping: _Grouping
+                   ) -> tuple[list[int], dict]:
+    """The test folds of one grouping, and the counts of the rows it leaves out."""
+    groups, labels = grouping.groups, grouping.labels
     counts = {"n_no_group": int((labels < 0).sum()),
               "n_no_fold": int(((labels >= 0) & (p.folds < 0)).sum())}
     if counts["n_no_group"] or counts["n_no_fold"]:
@@ -441,17 +451,55 @@ def run_grouping(config: AdienceConfig, p: Protocol, groups: int,
     if len(folds) < 2:
         raise UserError(f"{config.manifest}: {len(folds)} fold(s) with {GROUPINGS[groups][0]} "
                         "labels; cross-validation needs at least 2")
-    return [run_fold(config, p, grouping, k, tracker) for k in folds], counts
+    return folds, counts
+
+
+def share_folds(config: AdienceConfig, p: Protocol, world: distributed.World) -> None:
+    """Under torchrun: this process's share of every grouping's folds (every WORLD_SIZE-th,
+    from RANK), trained untracked and alone (no process group: each fold is its own run);
+    then wait until every process's folds are finished on disk. Rank 0 then reuses them all
+    (``FoldTracker.reused``). torchrun stops every process when one fails, so none waits for
+    a fold that will never come."""
+    groupings = {groups: _Grouping(config, p, groups) for groups in config.groups}
+    jobs = [(groups, k) for groups, grouping in groupings.items()
+            for k in grouping_folds(config, p, grouping)[0]]
+    for groups, k in jobs[world.rank::world.size]:
+        run_fold(config, p, groupings[groups], k, None)
+
+    def missing() -> list[tuple[int, int]]:
+        return [(groups, k) for groups, k in jobs if not _finished(
+            fold_folder(config, groups, k) / RESULT, fold_key(config, p, groups, k))]
+
+    if waiting := missing():
+        print(f"waiting for {len(waiting)} folds of the other processes")
+    while missing():
+        time.sleep(POLL_S)
+
+
+def fold_folder(config: AdienceConfig, groups: int, k: int) -> Path:
+    return config.out / "folds" / f"g{groups}" / f"fold{k}"
+
+
+def fold_key(config: AdienceConfig, p: Protocol, groups: int, k: int) -> str:
+    """What a finished fold's result depends on (see :meth:`AdienceConfig.settings`)."""
+    return fingerprint(settings=config.settings(), data=p.key, groups=groups, fold=k)
+
+
+def _finished(done: Path, key: str) -> bool:
+    try:
+        return json.loads(done.read_text()).get("fingerprint") == key
+    except FileNotFoundError:
+        return False
 
 
 def run_fold(config: AdienceConfig, p: Protocol, grouping: _Grouping, k: int,
              tracker: FoldTracker | None) -> dict:
     """Test fold k's result: the finished one on disk when its fingerprint matches, else trained."""
     groups, labels = grouping.groups, grouping.labels
-    folder = config.out / "folds" / f"g{groups}" / f"fold{k}"
+    folder = fold_folder(config, groups, k)
     folder.mkdir(parents=True, exist_ok=True)
     name, done = f"g{groups}-fold{k}", folder / RESULT
-    key = fingerprint(settings=config.settings(), data=p.key, groups=groups, fold=k)
+    key = fold_key(config, p, groups, k)
     result = json.loads(done.read_text()) if done.exists() else None
     if result is not None and result.get("fingerprint") == key:
         print(f"{name}: finished earlier, reusing {done}")
@@ -563,10 +611,17 @@ def child_teen_adult(groups_run: dict[int, list[dict]]) -> pd.DataFrame:
 
 
 def run(config: AdienceConfig, p: Protocol | None = None,
-        tracker: FoldTracker | None = None) -> dict:
-    """The protocol as ``config`` says; writes ``config.out``'s files, returns the flat metrics."""
+        tracker: FoldTracker | None = None) -> dict | None:
+    """The protocol as ``config`` says; writes ``config.out``'s files, returns the flat metrics.
+    Under torchrun the processes share the folds, and rank 0 alone goes on to the summary
+    (None elsewhere)."""
     p = p or load_protocol(config)
     config.out.mkdir(parents=True, exist_ok=True)
+    world = distributed.from_env()
+    if world.size > 1:
+        share_folds(config, p, world)
+        if not world.main:
+            return None
     done: dict[int, list[dict]] = {}
     metrics: dict = {"n_images": len(p.manifest)}
     tables, fold_table = [], []

@@ -50,10 +50,10 @@ from agecascade.evaluation.baselines import median_baseline
 from agecascade.nets import PRETRAINED, AgeNet, create_model, freeze_features
 from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
+from agecascade.train import distributed
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
 from agecascade.train.data import (IMAGENET, Augment, LabelSpace, augment_batch, label_space_for,
                                    normalise, to_unit)
-from agecascade.train import distributed
 from agecascade.train.compute import Compute, choose_compute, precision_option
 from agecascade.train.engine import adam, pick_device
 
