@@ -169,6 +169,7 @@ def test_dvc_yaml_tune_command_parses_into_the_params(dvc_commands, params):
     ({"batch": 0}, "--batch and --input-size must be >= 1"),
     ({"max_images": -1}, "--max-images"),
     ({"degrade": 1.5}, "--degrade 1.5"),
+    ({"ema": 1.0}, "--ema 1: a decay per step"),
     ({"val_fraction": 0.0}, "--val-fraction 0"),
     ({"val_fraction": 0.6, "test_fraction": 0.4}, "together < 1"),
 ])
@@ -351,6 +352,51 @@ def test_killed_after_the_last_epoch_resumes_without_training(tiny, straight, tm
     assert main(train_args(tiny, out, *TINY)) == 0
     printed = capsys.readouterr().out
     assert "resuming from epoch 3 of 3" in printed and trained_epochs(printed) == []
+    assert_same_run(straight, out)
+
+
+def test_the_weight_average_follows_the_weights_with_a_warming_decay():
+    from agecascade.train.engine import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(net, 0.5)
+    expected = net[0].weight.detach().clone()
+    for step in range(4):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        net[1].num_batches_tracked += 1
+        average.update(net)
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * net[0].weight.detach()
+    kept = average.module
+    assert torch.allclose(kept[0].weight, expected)
+    assert not torch.allclose(kept[0].weight, net[0].weight)  # an average, not a copy
+    assert kept[1].num_batches_tracked.item() == 4  # counters are copied, not averaged
+    assert not any(p.requires_grad for p in kept.parameters())
+
+
+def test_an_averaged_run_keeps_the_average_and_resumes_exactly(tiny, tmp_path, capsys):
+    """--ema: model.pt holds the averaged weights (not the trained ones), and a run killed after
+    an epoch resumes to the same bytes, the average's own state included."""
+    ema = (*TINY, "--ema", "0.9")
+    plain, straight, out = tmp_path / "plain", tmp_path / "straight", tmp_path / "killed"
+    assert main(train_args(tiny, plain, *TINY)) == 0
+    assert main(train_args(tiny, straight, *ema)) == 0
+    kept = torch.load(straight / "model.pt", weights_only=True)["model"]
+    trained = torch.load(plain / "model.pt", weights_only=True)["model"]
+    assert any(not torch.equal(kept[k], trained[k]) for k in kept)
+
+    def kill_after_the_first(epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune.run(config_of(train_args(tiny, out, *ema)), kill_after_the_first)
+    dvc_deletes_outs(out)
+    capsys.readouterr()
+    assert main(train_args(tiny, out, *ema)) == 0
+    printed = capsys.readouterr().out
+    assert "resuming from epoch 1 of 3" in printed and trained_epochs(printed) == [2, 3]
     assert_same_run(straight, out)
 
 

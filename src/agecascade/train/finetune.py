@@ -65,6 +65,9 @@ class FinetuneConfig:
     label_sigma: float = option(0.0, help="train on a Gaussian of this many years around each "
                                           "age instead of one class (0 = the thesis's one-hot "
                                           "cross-entropy)")
+    ema: float = option(0.0, help="keep and validate an exponential moving average of the "
+                                  "weights with this decay per step (0 = the weights as "
+                                  "trained, as in the thesis)")
     balance: float = option(0.0, help="sample training images with weight (images of their "
                                       "age) ** -BALANCE: 0 = every image alike (the thesis), "
                                       "1 = every age alike")
@@ -95,6 +98,8 @@ class FinetuneConfig:
                             "be >= 0")
         if self.label_sigma < 0:
             raise UserError(f"--label-sigma {self.label_sigma:g}: years, >= 0")
+        if not 0 <= self.ema < 1:
+            raise UserError(f"--ema {self.ema:g}: a decay per step, >= 0 and < 1")
         if not 0 <= self.balance <= 1:
             raise UserError(f"--balance {self.balance:g}: between 0 and 1")
         if not 0 <= self.degrade <= 1:
@@ -200,7 +205,8 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
     loop = TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch,
                        patience=config.patience, input_size=config.input_size, seed=config.seed,
                        max_train_batches=config.max_train_batches, input_spec=spec,
-                       degrade=Degrade.each(config.degrade), label_sigma=config.label_sigma)
+                       degrade=Degrade.each(config.degrade), label_sigma=config.label_sigma,
+                       ema=config.ema)
     optimizer = adam([p for p in model.parameters() if p.requires_grad], lr)
     pin = device.type == "cuda"
     weights = balance_weights(labels[rows["train"]], config.balance) if config.balance else None
