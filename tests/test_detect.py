@@ -217,3 +217,14 @@ def test_the_unchanged_check_covers_all_three_outcomes():
     outcomes = {None if found is None else found[1]
                 for found in (direct_old_detect_face(photo(f)[0]) for f in PHOTOS + HOG_MISSES)}
     assert outcomes == {"dlib", "haar", None}
+
+
+def test_a_box_is_framed_as_the_other_detector_frames_it():
+    from agecascade.data.detect import BOX_MAPS, Detection, framed_as
+
+    side, right, down = BOX_MAPS["mtcnn", "dlib"]
+    face = Detection((100.0, 50.0, 200.0, 170.0), 0.99, "mtcnn")
+    x0, y0, x1, y1 = framed_as(face, "dlib").box
+    assert (x1 - x0, y1 - y0) == pytest.approx((100 * side, 100 * side))
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((150 + 100 * right, 110 + 100 * down))
+    assert framed_as(face, "haar") == face  # no map measured: unchanged

@@ -233,3 +233,21 @@ def test_flip_averages_a_face_with_its_mirror_image(checkpoint):
     np.testing.assert_allclose(flipped.probs(crops),
                                (plain.probs(crops) + plain.probs(mirrored)) / 2, atol=1e-6)
     assert not np.allclose(plain.probs(crops), plain.probs(mirrored), atol=1e-4)
+
+
+def test_auto_looks_again_with_mtcnn_where_the_models_detector_finds_no_face(tmp_path):
+    """A dlib-framed model: dlib's HOG misses this turned baby (FG-NET 025A00); under auto,
+    MTCNN finds it and its box is given dlib's framing; a named detector is used alone."""
+    pytest.importorskip("dlib")
+    pytest.importorskip("facenet_pytorch")
+    photo = shared_dataset("fgnet-dev") / "images" / "025A00.JPG"
+    model = write_checkpoint(tmp_path / "model.pt", seed=0, crop={**RECIPE, "box_source": "dlib"})
+    found, alone = tmp_path / "auto.jsonl", tmp_path / "dlib.jsonl"
+    assert predict(photo, "--model", model, "--out", found, "--workers", "1") == 0
+    assert predict(photo, "--model", model, "--detector", "dlib", "--out", alone,
+                   "--workers", "1") == 0
+    (row,) = read_rows(found)
+    assert row["detector"] == "mtcnn" and row["error"] is None and "age" in row
+    x0, y0, x1, y1 = row["box"]
+    assert abs((x1 - x0) - (y1 - y0)) < 0.2  # dlib's square box, not MTCNN's tall one
+    assert [r["error"] for r in read_rows(alone)] == ["no_face_found"]

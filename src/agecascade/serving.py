@@ -50,7 +50,8 @@ from PIL import Image
 
 from agecascade.data.imaging import upright_rgb
 from agecascade.errors import MissingInput, UserError
-from agecascade.inference.faces import FaceSettings, ImageFaces, analyse_bytes, cutting, rows
+from agecascade.inference.faces import (FaceSettings, ImageFaces, analyse_bytes, cutting,
+                                        fallback_for, rows)
 from agecascade.inference.predictor import Predictor, TorchEngine
 from agecascade.nets.checkpoint import load_checkpoint
 from agecascade.registry import DIGEST_TAG, MODEL_TYPE, NAME, REFERENCE
@@ -207,7 +208,7 @@ class AgeEstimator(mlflow.pyfunc.PythonModel):
         detector = str(params.get("detector", "auto"))
         recipe, _ = cutting(self.predictor.recipe, detector)
         settings = FaceSettings(recipe, detector, int(params.get("min_face", 0)), MAX_PIXELS,
-                                MAX_BYTES)
+                                MAX_BYTES, fallback_for(detector, self.predictor.recipe))
         found = [_analyse(value, i, settings) for i, value in enumerate(model_input["image"])]
         crops = [f.crops for f in found if not f.error and f.faces]
         estimates, probs = self.predictor.estimate(np.concatenate(crops)) if crops else ({}, None)

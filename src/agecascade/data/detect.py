@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -56,6 +56,11 @@ _SPECS = {
     "dlib": _Spec("dlib (pip install 'agecascade[faces]')", 80, 8, True),
     "haar": _Spec("opencv-python-headless (pip install 'agecascade[faces]')", 24, 12, False),
 }
+# One detector's box of a face as another frames it: (side over the first box's width, centre
+# shift right and down in that width); medians over 398 padded UTKFace chips where both found
+# the face (benchmarks/box_mapping.py). dlib's shape predictor places its landmarks relative
+# to the box, so a face MTCNN finds for a dlib-framed model is given dlib's framing.
+BOX_MAPS = {("mtcnn", "dlib"): (1.0717, 0.0109, 0.1075)}
 AUTO_ORDER = ("mtcnn", "dlib", "haar")  # first installed wins; docs/detectors.md says why
 DETECTORS: tuple[str, ...] = ("auto", *AUTO_ORDER)
 SCORES = {
@@ -220,6 +225,19 @@ def _run_mtcnn(copy: Image.Image, min_side: int) -> list[tuple[Box, float, tuple
 
 
 _RUNNERS = {"dlib": _run_dlib, "haar": _run_haar, "mtcnn": _run_mtcnn}
+
+
+def framed_as(face: Detection, detector: str) -> Detection:
+    """``face`` with the square box ``detector`` would give it (BOX_MAPS); unchanged when no
+    map is measured between the two."""
+    if (face.detector, detector) not in BOX_MAPS:
+        return face
+    side_ratio, shift_x, shift_y = BOX_MAPS[face.detector, detector]
+    x0, y0, x1, y1 = face.box
+    width = x1 - x0
+    cx, cy = (x0 + x1) / 2 + shift_x * width, (y0 + y1) / 2 + shift_y * width
+    half = side_ratio * width / 2
+    return replace(face, box=(cx - half, cy - half, cx + half, cy + half))
 
 
 def detect_faces(image: Image.Image, detector: str = "auto", min_face: int = 0) -> list[Detection]:

@@ -21,12 +21,16 @@ from PIL import Image
 from agecascade.data.cropper import frame_face, read_bytes
 from agecascade.data.crops import crop_face, whole_image_box
 from agecascade.data.recipe import CropRecipe
-from agecascade.data.detect import AUTO_ORDER, Detection, detect_faces, resolve_detector
+from agecascade.data.detect import (AUTO_ORDER, Detection, detect_faces, framed_as,
+                                   resolve_detector)
 from agecascade.data.imaging import BadImage, decode
 from agecascade.data.landmarks import landmarks_available
 from agecascade.errors import UserError
 
 NO_DETECTOR = "none"
+# Looks again, under ``auto``, where the model's own detector finds no face: MTCNN finds the
+# small, turned and children's faces that dlib's HOG misses (docs/detectors.md).
+FALLBACK = "mtcnn"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class FaceSettings:
     min_face: int = 0
     max_pixels: int = 50_000_000
     max_file_bytes: int = 128 * 2**20
+    fallback: str = ""                   # the detector for images where ``detector`` finds none
 
 
 @dataclass
@@ -62,6 +67,18 @@ def detector_for(requested: str, recipe: CropRecipe) -> str:
     return requested
 
 
+def fallback_for(requested: str, recipe: CropRecipe) -> str:
+    """The second detector of ``requested``: FALLBACK under ``auto`` when the model's own
+    detector is another one and FALLBACK is installed; "" otherwise (a named detector is used
+    alone, as asked)."""
+    if requested != "auto" or detector_for(requested, recipe) in ("auto", FALLBACK):
+        return ""
+    try:
+        return resolve_detector(FALLBACK)
+    except UserError:
+        return ""
+
+
 def cutting(recipe: CropRecipe, detector: str) -> tuple[CropRecipe, str]:
     """The recipe faces will be cut by, and how: "landmarks", "box" or "whole image". A model of
     aligned chips falls back to its box window, with a warning, where the shape predictor is
@@ -81,7 +98,13 @@ def cutting(recipe: CropRecipe, detector: str) -> tuple[CropRecipe, str]:
 def find_faces(image: Image.Image, settings: FaceSettings) -> list[Detection]:
     if settings.detector == NO_DETECTOR:
         return [Detection(whole_image_box(image), 1.0, NO_DETECTOR)]
-    return detect_faces(image, detector_for(settings.detector, settings.recipe), settings.min_face)
+    detector = detector_for(settings.detector, settings.recipe)
+    faces = detect_faces(image, detector, settings.min_face)
+    if faces or not settings.fallback:
+        return faces
+    # boxes as the model's own detector frames faces: the crop is cut from them
+    return [framed_as(face, detector) for face in
+            detect_faces(image, settings.fallback, settings.min_face)]
 
 
 def cut(image: Image.Image, faces: list[Detection], recipe: CropRecipe) -> np.ndarray:

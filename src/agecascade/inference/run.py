@@ -28,7 +28,7 @@ from agecascade.config import device_option, option
 from agecascade.data.detect import DETECTORS, resolve_detector
 from agecascade.errors import UserError
 from agecascade.inference.faces import (NO_DETECTOR, FaceSettings, ImageFaces, cutting,
-                                        detector_for, rows)
+                                        detector_for, fallback_for, rows)
 from agecascade.inference.predictor import Predictor
 from agecascade.inference.sources import analyse_safely, expand, is_video, worker_init
 
@@ -148,10 +148,12 @@ def run(config: PredictConfig, predictor: Predictor,
     detector = (NO_DETECTOR if config.detector == NO_DETECTOR  # fails here, not in each worker
                 else resolve_detector(detector_for(config.detector, predictor.recipe)))
     recipe, framing = cutting(predictor.recipe, detector)
+    fallback = fallback_for(config.detector, predictor.recipe)
     settings = FaceSettings(recipe, detector, config.min_face, config.max_pixels,
-                            int(config.max_file_mb * 2**20))
+                            int(config.max_file_mb * 2**20), fallback)
     workers = config.workers or os.cpu_count() or 1
-    summary = Summary(detector=detector, files=len(files), framing=framing)
+    summary = Summary(detector=detector + (f", else {fallback}" if fallback else ""),
+                      files=len(files), framing=framing)
     started = time.perf_counter()
     out = stream or sys.stdout
     handle = None
