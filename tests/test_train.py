@@ -128,8 +128,8 @@ def test_dvc_yaml_train_commands_parse_into_the_params(dvc_commands, params, ste
             (wanted["epochs"], wanted["patience"], wanted["val_fraction"])
         assert (config.input_size, config.seed, config.workers, config.device) == \
             (shared["input_size"], shared["seed"], shared["workers"], shared["device"])
-        assert (config.degrade, config.label_sigma, config.ema, config.precision) == \
-            (shared["degrade"], shared["label_sigma"], shared["ema"], shared["precision"])
+        assert (config.degrade, config.label_sigma, config.precision) == \
+            (shared["degrade"], shared["label_sigma"], shared["precision"])
         if step == "finetune_imdb":
             assert (config.pretrained, config.weights) == (item["pretrained"], item["weights"])
             assert config.init is None and config.mode == "b"
