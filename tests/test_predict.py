@@ -236,16 +236,18 @@ def test_flip_averages_a_face_with_its_mirror_image(checkpoint):
     assert not np.allclose(plain.probs(crops), plain.probs(mirrored), atol=1e-4)
 
 
-def test_auto_looks_again_with_mtcnn_where_the_models_detector_finds_no_face(tmp_path):
-    """A dlib-framed model: dlib's HOG misses this turned baby (FG-NET 025A00); under auto,
-    MTCNN finds it and its box is given dlib's framing; a named detector is used alone."""
+def test_a_fallback_detector_looks_again_where_the_first_finds_no_face(tmp_path, capsys):
+    """dlib's HOG misses this turned baby (FG-NET 025A00). By default (--fallback auto) MTCNN
+    looks again, finds it, and its box is given dlib's framing (the model's crops were aligned
+    from dlib boxes); with --fallback none the photo has no face."""
     pytest.importorskip("dlib")
     pytest.importorskip("facenet_pytorch")
     photo = shared_dataset("fgnet-dev") / "images" / "025A00.JPG"
     model = write_checkpoint(tmp_path / "model.pt", seed=0, crop={**RECIPE, "box_source": "dlib"})
-    found, alone = tmp_path / "auto.jsonl", tmp_path / "dlib.jsonl"
+    found, alone = tmp_path / "fallback.jsonl", tmp_path / "alone.jsonl"
     assert predict(photo, "--model", model, "--out", found, "--workers", "1") == 0
-    assert predict(photo, "--model", model, "--detector", "dlib", "--out", alone,
+    assert "detector dlib, else mtcnn," in capsys.readouterr().err
+    assert predict(photo, "--model", model, "--fallback", "none", "--out", alone,
                    "--workers", "1") == 0
     (row,) = read_rows(found)
     assert row["detector"] == "mtcnn" and row["error"] is None and "age" in row

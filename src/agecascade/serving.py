@@ -18,7 +18,8 @@ Either way it is a model from code: loading it runs the package's own code and
 
 Input (the MLmodel signature): a DataFrame with a binary column ``image``, the bytes of a JPEG,
 PNG or any image Pillow reads (MLflow's REST server base64-decodes them from JSON), and optional
-params ``detector`` (``none`` treats each image as one face crop), ``min_face`` and ``probs``.
+params ``detector`` (``none`` treats each image as one face crop), ``fallback`` (the second
+detector, as ``predict --fallback``), ``min_face`` and ``probs``.
 Output: one row per face, with the input row's ``index`` and the fields of ``agecascade
 predict`` (box, detector, score, age, age_std, age_low, age_high, p_under_18, error). An image
 without a face, or one that cannot be read, gets one row with ``face`` null and the error.
@@ -51,7 +52,7 @@ from PIL import Image
 from agecascade.data.imaging import upright_rgb
 from agecascade.errors import MissingInput, UserError
 from agecascade.inference.faces import (FaceSettings, ImageFaces, analyse_bytes, cutting,
-                                        fallback_for, rows)
+                                        detector_for, fallback_for, rows)
 from agecascade.inference.predictor import Predictor, TorchEngine
 from agecascade.nets.checkpoint import load_checkpoint
 from agecascade.registry import DIGEST_TAG, MODEL_TYPE, NAME, REFERENCE
@@ -207,8 +208,10 @@ class AgeEstimator(mlflow.pyfunc.PythonModel):
                             "bytes); for face-crop arrays use predict_crops")
         detector = str(params.get("detector", "auto"))
         recipe, _ = cutting(self.predictor.recipe, detector)
+        fallback = fallback_for(str(params.get("fallback", "auto")),
+                                detector_for(detector, self.predictor.recipe))
         settings = FaceSettings(recipe, detector, int(params.get("min_face", 0)), MAX_PIXELS,
-                                MAX_BYTES, fallback_for(detector, self.predictor.recipe))
+                                MAX_BYTES, fallback)
         found = [_analyse(value, i, settings) for i, value in enumerate(model_input["image"])]
         crops = [f.crops for f in found if not f.error and f.faces]
         estimates, probs = self.predictor.estimate(np.concatenate(crops)) if crops else ({}, None)
@@ -355,6 +358,7 @@ def log_age_estimator(checkpoint: Path, name: str = "model",
                         ColSpec(DataType.double, "age", required=False),
                         ColSpec(DataType.string, "error", required=False)]),
         params=ParamSchema([ParamSpec("detector", DataType.string, "auto"),
+                            ParamSpec("fallback", DataType.string, "auto"),
                             ParamSpec("min_face", DataType.long, 0),
                             ParamSpec("probs", DataType.boolean, False)]))
     example = pd.DataFrame({"image": [_example_png()]})  # small: the example is stored as JSON

@@ -28,9 +28,7 @@ from agecascade.data.landmarks import landmarks_available
 from agecascade.errors import UserError
 
 NO_DETECTOR = "none"
-# Looks again, under ``auto``, where the model's own detector finds no face: MTCNN finds the
-# small, turned and children's faces that dlib's HOG misses (docs/detectors.md).
-FALLBACK = "mtcnn"
+FALLBACK = "mtcnn"  # what ``auto`` looks again with (fallback_for)
 
 
 @dataclass(frozen=True)
@@ -67,16 +65,20 @@ def detector_for(requested: str, recipe: CropRecipe) -> str:
     return requested
 
 
-def fallback_for(requested: str, recipe: CropRecipe) -> str:
-    """The second detector of ``requested``: FALLBACK under ``auto`` when the model's own
-    detector is another one and FALLBACK is installed; "" otherwise (a named detector is used
-    alone, as asked)."""
-    if requested != "auto" or detector_for(requested, recipe) in ("auto", FALLBACK):
+def fallback_for(name: str, detector: str) -> str:
+    """The detector that looks again where ``detector`` (resolved) finds no face. ``auto``:
+    MTCNN, when installed and ``detector`` is another one (it finds the turned, blurred and
+    small faces dlib's HOG misses, docs/detectors.md); a named one must be installed
+    (UserError); "" for ``none``, for whole-image crops, or when it is ``detector`` itself."""
+    if name == NO_DETECTOR or detector == NO_DETECTOR:
         return ""
-    try:
-        return resolve_detector(FALLBACK)
-    except UserError:
-        return ""
+    if name == "auto":
+        try:
+            name = resolve_detector(FALLBACK)
+        except UserError:
+            return ""
+    chosen = resolve_detector(name)
+    return "" if chosen == resolve_detector(detector) else chosen
 
 
 def cutting(recipe: CropRecipe, detector: str) -> tuple[CropRecipe, str]:

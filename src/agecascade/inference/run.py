@@ -48,6 +48,10 @@ class PredictConfig:
                                               "boxes and ages")
     detector: str = option("auto", choices=(*DETECTORS, NO_DETECTOR),
                            help="face detector; none: each image is one face crop")
+    fallback: str = option("auto", choices=(*DETECTORS, NO_DETECTOR),
+                           help="a second detector for the images where --detector finds no face; "
+                                "auto: MTCNN when installed (it finds turned and blurred faces "
+                                "dlib's HOG misses, docs/detectors.md); none: no second look")
     min_face: int = option(0, help="ignore faces whose box side is under this many pixels")
     batch: int = option(64, help="face crops per forward pass")
     flip: bool = option(True, help="average each face's prediction with its mirror image's")
@@ -148,7 +152,7 @@ def run(config: PredictConfig, predictor: Predictor,
     detector = (NO_DETECTOR if config.detector == NO_DETECTOR  # fails here, not in each worker
                 else resolve_detector(detector_for(config.detector, predictor.recipe)))
     recipe, framing = cutting(predictor.recipe, detector)
-    fallback = fallback_for(config.detector, predictor.recipe)
+    fallback = fallback_for(config.fallback, detector)
     settings = FaceSettings(recipe, detector, config.min_face, config.max_pixels,
                             int(config.max_file_mb * 2**20), fallback)
     workers = config.workers or os.cpu_count() or 1
