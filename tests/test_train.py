@@ -318,6 +318,21 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert not (b / "last.pt").exists()  # finished: a later rerun must start from scratch
 
 
+def killed_then_rerun(argv: list[str], epoch: int, capsys) -> str:
+    """Train as ``argv`` says, killed right after ``epoch``; DVC deletes the outs; run the same
+    command again. Returns what the rerun printed."""
+    def kill(done: int, metrics: dict) -> None:
+        if done == epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune.run(config_of(argv), kill)
+    dvc_deletes_outs(Path(argv[argv.index("--out") + 1]))
+    capsys.readouterr()
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
 def test_kill_9_then_dvc_rerun_resumes_after_the_last_finished_epoch(tiny, straight, tmp_path):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "agecascade.cli", *train_args(tiny, killed, *TINY)]
@@ -340,17 +355,7 @@ def test_kill_9_then_dvc_rerun_resumes_after_the_last_finished_epoch(tiny, strai
 def test_killed_after_the_last_epoch_resumes_without_training(tiny, straight, tmp_path, capsys):
     """Killed between the final epoch and the stage's outputs, then DVC deletes model.pt."""
     out = tmp_path / "run"
-
-    def kill_after_the_last(epoch: int, metrics: dict) -> None:
-        if epoch == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        finetune.run(config_of(train_args(tiny, out, *TINY)), kill_after_the_last)
-    dvc_deletes_outs(out)
-    capsys.readouterr()
-    assert main(train_args(tiny, out, *TINY)) == 0
-    printed = capsys.readouterr().out
+    printed = killed_then_rerun(train_args(tiny, out, *TINY), 3, capsys)
     assert "resuming from epoch 3 of 3" in printed and trained_epochs(printed) == []
     assert_same_run(straight, out)
 
@@ -385,17 +390,7 @@ def test_an_averaged_run_keeps_the_average_and_resumes_exactly(tiny, tmp_path, c
     kept = torch.load(straight / "model.pt", weights_only=True)["model"]
     trained = torch.load(plain / "model.pt", weights_only=True)["model"]
     assert any(not torch.equal(kept[k], trained[k]) for k in kept)
-
-    def kill_after_the_first(epoch: int, metrics: dict) -> None:
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        finetune.run(config_of(train_args(tiny, out, *ema)), kill_after_the_first)
-    dvc_deletes_outs(out)
-    capsys.readouterr()
-    assert main(train_args(tiny, out, *ema)) == 0
-    printed = capsys.readouterr().out
+    printed = killed_then_rerun(train_args(tiny, out, *ema), 1, capsys)
     assert "resuming from epoch 1 of 3" in printed and trained_epochs(printed) == [2, 3]
     assert_same_run(straight, out)
 
