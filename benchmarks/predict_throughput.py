@@ -106,7 +106,6 @@ def peer_importable() -> bool:
 def ours_run(files: list[Path], model: Path, detector: str, workers: int,
              rows_out: Path) -> dict:
     """One `agecascade predict` run over ``files``; model loading is timed apart."""
-    from agecascade.data.detect import resolve_detector
     from agecascade.inference.predictor import Predictor, load_engine
     from agecascade.inference.run import PredictConfig, run
 
@@ -116,7 +115,7 @@ def ours_run(files: list[Path], model: Path, detector: str, workers: int,
     config = PredictConfig(inputs=tuple(files), model=str(model), out=rows_out,
                            detector=detector, workers=workers, device="cpu")
     summary = run(config, Predictor(engine, config.batch))
-    used = resolve_detector(detector) if detector != "none" else detector
+    used = summary.detector  # what ran: auto resolved for this model, and any fallback
     return {"tool": f"agecascade {engine.name}",
             "detector": detector if used == detector else f"{detector} ({used})",
             "workers": workers or os.cpu_count() or 1, "images": summary.images,
