@@ -84,9 +84,10 @@ def link_split(prepared: Path, split: str, out: Path, seed: int, val: float, tes
     report = json.loads((prepared / "report.json").read_text())
     root = Path(report["root"]).resolve()
     chosen = manifest[assign_split(manifest, val, test, seed) == split]
+    found = {path.name: path for path in root.rglob("*") if path.is_file()}  # one walk
     out.mkdir(parents=True, exist_ok=True)
     for name in chosen["path"]:
-        source = next(iter(root.rglob(Path(name).name)), None)
+        source = found.get(Path(name).name)
         if source is None:
             raise SystemExit(f"{name}: not under {root}")
         (out / Path(name).name).unlink(missing_ok=True)

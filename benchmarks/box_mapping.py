@@ -3,9 +3,9 @@
 `predict` falls back to MTCNN where dlib finds no face, and dlib's 5-point shape predictor then
 needs a box framed as dlib's HOG frames faces: it places its landmarks relative to the box.
 This prints, over chips where both detectors find one face, the median of dlib's box side over
-MTCNN's box width and of the centre offset in MTCNN widths (the numbers ``detect.DLIB_FROM_MTCNN``
-holds). Each chip is padded by half its side with its edge pixels first: MTCNN's box runs past
-a chip's edge otherwise.
+MTCNN's box width and of the centre offset in MTCNN widths (the numbers
+``detect.BOX_MAPS["mtcnn", "dlib"]`` holds). Each chip is padded by half its side with its edge
+pixels first: MTCNN's box runs past a chip's edge otherwise.
 
     python benchmarks/box_mapping.py ../shared/datasets/utkface-dev --count 400
 """
