@@ -113,7 +113,8 @@ def main() -> None:
         return
     if args.folder is None or args.rows is None:
         parser.error("give FOLDER and --rows (or --link-split)")
-    truth = {p.name: a for p in sorted(args.folder.iterdir()) if (a := true_age(p.name)) is not None}
+    truth = {p.name: age for p in sorted(args.folder.iterdir())
+             if (age := true_age(p.name)) is not None}
     if not truth:
         raise SystemExit(f"{args.folder}: no file named by age (UTKFace or FG-NET names)")
     print(json.dumps({"majority_class": majority(truth)}))
