@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from agecascade.data.store import load_prepared
 from agecascade.inference.predictor import Predictor, TorchEngine
 from agecascade.train.data import assign_split
-from agecascade.train.degrade import _LUMA, _SEPIA, _blur, _colour, _jpeg
+from agecascade.train.degrade import LUMA, SEPIA, gaussian_blur, jpeg_roundtrip, recolour
 
 Effect = Callable[[torch.Tensor], torch.Tensor]   # RGB in [0, 1], (B,3,S,S) -> the same
 
@@ -46,14 +46,14 @@ def _zoom(fraction: float) -> Effect:
 
 def effects(seed: int) -> dict[str, Effect]:
     gen = torch.Generator().manual_seed(seed)
-    grey = (_LUMA,) * 3
+    grey = (LUMA,) * 3
     return {
         "none": lambda x: x,
-        "greyscale": lambda x: _colour(x, grey),
-        "sepia": lambda x: _colour(x, _SEPIA),
-        "blur sigma 1.5 px": lambda x: _blur(x, torch.full((len(x),), 1.5)),
-        "blur sigma 3 px": lambda x: _blur(x, torch.full((len(x),), 3.0)),
-        "JPEG quality 20": lambda x: _jpeg(x, [20] * len(x)),
+        "greyscale": lambda x: recolour(x, grey),
+        "sepia": lambda x: recolour(x, SEPIA),
+        "blur sigma 1.5 px": lambda x: gaussian_blur(x, torch.full((len(x),), 1.5)),
+        "blur sigma 3 px": lambda x: gaussian_blur(x, torch.full((len(x),), 3.0)),
+        "JPEG quality 20": lambda x: jpeg_roundtrip(x, [20] * len(x)),
         "noise std 0.05": lambda x: (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1),
         "zoom in to 90 %": _zoom(0.9),
         "zoom in to 80 %": _zoom(0.8),

@@ -370,7 +370,7 @@ def test_the_weight_average_follows_the_weights_with_a_warming_decay():
         with torch.no_grad():
             net[0].weight.add_(1.0)
         net[1].num_batches_tracked += 1
-        average.update(net)
+        average.update()
         decay = min(0.5, (1 + step) / (10 + step))
         expected = decay * expected + (1 - decay) * net[0].weight.detach()
     kept = average.module

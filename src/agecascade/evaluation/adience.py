@@ -467,8 +467,8 @@ def share_folds(config: AdienceConfig, p: Protocol, world: distributed.World) ->
         run_fold(config, p, groupings[groups], k, None)
 
     def missing() -> list[tuple[int, int]]:
-        return [(groups, k) for groups, k in jobs if not _finished(
-            fold_folder(config, groups, k) / RESULT, fold_key(config, p, groups, k))]
+        return [(groups, k) for groups, k in jobs if finished_result(
+            fold_folder(config, groups, k) / RESULT, fold_key(config, p, groups, k)) is None]
 
     if waiting := missing():
         print(f"waiting for {len(waiting)} folds of the other processes")
@@ -485,11 +485,13 @@ def fold_key(config: AdienceConfig, p: Protocol, groups: int, k: int) -> str:
     return fingerprint(settings=config.settings(), data=p.key, groups=groups, fold=k)
 
 
-def _finished(done: Path, key: str) -> bool:
+def finished_result(done: Path, key: str) -> dict | None:
+    """A fold's result on disk if it was finished with the settings ``key`` stands for."""
     try:
-        return json.loads(done.read_text()).get("fingerprint") == key
+        result = json.loads(done.read_text())
     except FileNotFoundError:
-        return False
+        return None
+    return result if result.get("fingerprint") == key else None
 
 
 def run_fold(config: AdienceConfig, p: Protocol, grouping: _Grouping, k: int,
@@ -500,8 +502,7 @@ def run_fold(config: AdienceConfig, p: Protocol, grouping: _Grouping, k: int,
     folder.mkdir(parents=True, exist_ok=True)
     name, done = f"g{groups}-fold{k}", folder / RESULT
     key = fold_key(config, p, groups, k)
-    result = json.loads(done.read_text()) if done.exists() else None
-    if result is not None and result.get("fingerprint") == key:
+    if (result := finished_result(done, key)) is not None:
         print(f"{name}: finished earlier, reusing {done}")
         if not (folder / CONFUSION).exists():
             plot_fold(result, groups, folder, k)

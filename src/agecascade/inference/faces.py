@@ -74,10 +74,11 @@ def fallback_for(name: str, detector: str) -> str:
         return ""
     if name == "auto":
         try:
-            name = resolve_detector(FALLBACK)
+            chosen = resolve_detector(FALLBACK)
         except UserError:
             return ""
-    chosen = resolve_detector(name)
+    else:
+        chosen = resolve_detector(name)
     return "" if chosen == resolve_detector(detector) else chosen
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 
-_LUMA = (0.299, 0.587, 0.114)
-_SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
+LUMA = (0.299, 0.587, 0.114)
+SEPIA = ((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131))
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,11 @@ class Degrade:
         return max(self.greyscale, self.sepia, self.blur, self.jpeg, self.noise) > 0
 
 
-def _colour(x: torch.Tensor, matrix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
+def recolour(x: torch.Tensor, matrix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
     return torch.einsum("oc,bchw->bohw", x.new_tensor(matrix), x).clamp_(0, 1)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Gaussian blur with one sigma per image, as one grouped separable convolution."""
     b, c, h, w = x.shape
     radius = max(1, int(torch.ceil(2 * sigma.max()).item()))
@@ -59,7 +59,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.reshape(b, c, h, w)
 
 
-def _grain(x: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def add_grain(x: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Gaussian grain, one std per image: mostly luminance (as film grain and scanner noise
     are), plus a weaker colour part. Drawn from ``gen`` on the CPU."""
     b, _, h, w = x.shape
@@ -69,7 +69,7 @@ def _grain(x: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.
     return (x + grain.to(device=x.device, dtype=x.dtype)).clamp_(0, 1)
 
 
-def _jpeg(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
+def jpeg_roundtrip(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
     """Encode and decode through libjpeg on the CPU (a small share of each batch)."""
     pixels = (x.detach() * 255).round_().clamp_(0, 255).to(torch.uint8).cpu()
     out = [decode_jpeg(encode_jpeg(img, quality=q)) for img, q in zip(pixels, qualities)]
@@ -85,19 +85,19 @@ def degrade_batch(x: torch.Tensor, degrade: Degrade, gen: torch.Generator) -> to
     grey = u[:, 0] < degrade.greyscale
     sepia = ~grey & (u[:, 0] < degrade.greyscale + degrade.sepia)
     if grey.any():
-        x[grey] = _colour(x[grey], (_LUMA,) * 3)
+        x[grey] = recolour(x[grey], (LUMA,) * 3)
     if sepia.any():
-        x[sepia] = _colour(x[sepia], _SEPIA)
+        x[sepia] = recolour(x[sepia], SEPIA)
     blur = u[:, 1] < degrade.blur
     if blur.any():
         sigma = (0.3 + u[blur, 2] * (degrade.max_blur_sigma - 0.3)) * x.shape[-1] / 112
-        x[blur] = _blur(x[blur], sigma)
+        x[blur] = gaussian_blur(x[blur], sigma)
     noise = u[:, 5] < degrade.noise
     if noise.any():
-        x[noise] = _grain(x[noise], u[noise, 6] * degrade.max_noise_sigma, gen)
+        x[noise] = add_grain(x[noise], u[noise, 6] * degrade.max_noise_sigma, gen)
     jpeg = u[:, 3] < degrade.jpeg
     if jpeg.any():
         low, high = degrade.jpeg_quality
         qualities = (low + u[jpeg, 4] * (high - low)).round().int().tolist()
-        x[jpeg] = _jpeg(x[jpeg], qualities)
+        x[jpeg] = jpeg_roundtrip(x[jpeg], qualities)
     return x

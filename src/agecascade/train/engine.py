@@ -89,22 +89,24 @@ class WeightAverage:
     weights for long."""
 
     def __init__(self, model: nn.Module, decay: float):
+        """``model``: the bare model being trained, which :meth:`update` follows."""
         self.decay, self.steps = decay, 0
-        self.module = copy.deepcopy(getattr(model, "module", model)).eval()
+        self.module = copy.deepcopy(model).eval()
         self.module.requires_grad_(False)
-        state = self.module.state_dict()
-        self._floats = [k for k, v in state.items() if v.is_floating_point()]
-        self._counts = [k for k, v in state.items() if not v.is_floating_point()]
+        # state_dict tensors share storage with the modules, and optimizer steps and
+        # load_state_dict change them in place: paired once, they stay paired
+        live, mine = model.state_dict(), self.module.state_dict()
+        floats = [k for k, v in mine.items() if v.is_floating_point()]
+        self._floats = ([mine[k] for k in floats], [live[k] for k in floats])
+        self._counts = [(mine[k], live[k]) for k, v in mine.items() if not v.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``'s weights (the DDP wrapper or the bare model)."""
-        live, mine = getattr(model, "module", model).state_dict(), self.module.state_dict()
+    def update(self) -> None:
+        """Move the average towards the trained model's weights, after a step."""
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_([mine[k] for k in self._floats], [live[k] for k in self._floats],
-                             1.0 - decay)
-        for k in self._counts:  # BatchNorm's batch counters: copied, not averaged
-            mine[k].copy_(live[k])
+        torch._foreach_lerp_(*self._floats, 1.0 - decay)
+        for mine, live in self._counts:  # BatchNorm's batch counters: copied, not averaged
+            mine.copy_(live)
         self.steps += 1
 
     def state_dict(self) -> dict:
@@ -149,7 +151,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss.backward()
         optimizer.step()
         if average is not None:
-            average.update(model)
+            average.update()
         total += loss.detach() * len(labels)
         seen += len(labels)
         asked = time.perf_counter()
@@ -268,7 +270,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step(metrics["val_loss"])
         history.append({"epoch": epoch + 1, **metrics})
-        live, weights = model.state_dict(), scored.state_dict()
+        live = model.state_dict()
+        weights = live if average is None else average.module.state_dict()
         improved = best is None or metrics["val_mae"] < best["metrics"]["val_mae"]
         if improved:
             # the live tensors: torch.save stores tensors shared within one file once, so
