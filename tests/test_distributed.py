@@ -114,19 +114,24 @@ TOLERANCE = 3.0
 
 
 def test_torchrun_two_processes_train_like_one_and_rank_0_alone_writes(store, tmp_path):
+    # a test split: rank 0 scores it alone after training, with no other process to sum with
     argv = [a for a in train_args(store, tmp_path / "ddp", "--epochs", "3", "--batch", "16",
-                                  "--lr", "0.0005", "--scale-lr") if a != "--no-track"]
+                                  "--lr", "0.0005", "--scale-lr", "--test-fraction", "0.2")
+            if a != "--no-track"]
     two = run_train(argv, tmp_path, "torchrun --standalone --nproc-per-node 2 -m agecascade")
     log = two.stdout + two.stderr
     assert "world size 2: effective batch 32 (2 processes x 16), lr 0.001 (--scale-lr)" in log
     assert log.count("epoch 1/3") == 1          # rank 0 alone reports
     one_out = tmp_path / "one"
-    single = [a for a in train_args(store, one_out, "--epochs", "3") if a != "--no-track"]
+    single = [a for a in train_args(store, one_out, "--epochs", "3", "--test-fraction", "0.2")
+              if a != "--no-track"]
     run_train(single, tmp_path, "agecascade")   # batch 32, lr 0.001: the same effective run
 
     ddp, one = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "ddp", one_out))
     assert ddp["val_mae"] < 0.6 * ddp["val_mae_median_baseline"]  # it learns
     assert abs(ddp["val_mae"] - one["val_mae"]) < TOLERANCE, (ddp, one)
+    assert ddp["n_test"] == one["n_test"] > 0  # every test row, scored once
+    assert abs(ddp["test_mae"] - one["test_mae"]) < TOLERANCE, (ddp, one)
     meta = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["meta"]
     assert meta["world_size"] == 2
     assert not (tmp_path / "ddp" / "last.pt").exists()

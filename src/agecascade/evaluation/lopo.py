@@ -295,7 +295,7 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
                 stale.unlink()
         folds_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(stamp, key)
-    distributed.barrier()
+    distributed.barrier(world)
 
     model = model.to(compute.device, memory_format=compute.memory_format)
     data = FoldData.load(manifest, crops, space, config.input_size, compute.device)
@@ -303,7 +303,7 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
     subjects = sorted(set(data.subjects))
     fold_file = {s: folds_dir / f"{i:03d}.csv" for i, s in enumerate(subjects)}
     todo = [s for s in subjects if not fold_file[s].exists()]
-    distributed.barrier()  # every process has read what is missing before one more is written
+    distributed.barrier(world)  # every process has read what is missing before one more is written
     if len(todo) < len(subjects) and world.main:
         print(f"resuming: {len(subjects) - len(todo)} of {len(subjects)} folds already done")
     mine = todo[world.rank::world.size]
@@ -316,7 +316,7 @@ def run_lopo(model: AgeNet, start: dict, spec: InputSpec, space: LabelSpace,
     def gathered() -> bool:
         """After every process's folds: on rank 0, report the others' to ``on_fold``; True
         where the run goes on (rank 0)."""
-        distributed.barrier()
+        distributed.barrier(world)
         if world.main and on_fold is not None:
             for subject in sorted(set(todo) - set(mine)):
                 on_fold(subject, pd.read_csv(fold_file[subject], dtype={"subject": str}))

@@ -83,14 +83,13 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def active() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+def wrap(model: nn.Module, device: torch.device, world: World) -> nn.Module:
+    """``model`` itself for a world of one; else DDP around it, which averages the gradients of
+    every step over the processes (and starts them all from rank 0's weights).
 
-
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` itself in one process; else DDP around it, which averages the gradients of
-    every step over the processes (and starts them all from rank 0's weights)."""
-    if not active():
+    Here and below, ``world`` is the run's, not torchrun's: a process that trains or scores
+    alone under torchrun (a tune worker's trial, rank 0's test split) passes ``World()``."""
+    if world.size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -102,16 +101,16 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
                                    else None, gradient_as_bucket_view=True)
 
 
-def barrier() -> None:
-    """Wait for every process (nothing to wait for in one process)."""
-    if active():
+def barrier(world: World) -> None:
+    """Wait for every process of ``world`` (nothing to wait for in a world of one)."""
+    if world.size > 1:
         dist.barrier()
 
 
-def all_sum(values: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of ``values`` over the processes (itself in one process), on the
-    device it came from."""
-    if not active():
+def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """The element-wise sum of ``values`` over ``world``'s processes (itself in a world of
+    one), on the device it came from."""
+    if world.size == 1:
         return values
     home = values.device
     on = values.to("cuda") if dist.get_backend() == "nccl" else values.cpu()

@@ -158,7 +158,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     if seen == 0:
         raise UserError("the training split is empty")
     # the one host sync of the epoch, before the clock stops; summed over the processes
-    total, seen = distributed.all_sum(torch.stack([total.float(), total.new_tensor(float(seen))]))
+    total, seen = distributed.all_sum(torch.stack([total.float(), total.new_tensor(float(seen))]),
+                                      world)
     train_loss, elapsed = (total / seen).item(), time.perf_counter() - start
     return {"train_loss": train_loss, "train_images_per_s": seen.item() / elapsed,
             "data_wait_fraction": waited / elapsed}
@@ -184,13 +185,15 @@ def predict(model: nn.Module, loader: DataLoader, compute: Compute, input_size: 
 
 
 def evaluate(model: nn.Module, loader: DataLoader, compute: Compute, input_size: int,
-             ages: torch.Tensor, spec: InputSpec = IMAGENET) -> dict[str, float]:
-    """Mean loss and MAE over the loader's rows, of every process under torchrun."""
+             ages: torch.Tensor, spec: InputSpec = IMAGENET,
+             world: distributed.World = distributed.World()) -> dict[str, float]:
+    """Mean loss and MAE over the loader's rows, of every process of ``world`` (each passes
+    the loader of its share)."""
     logits, labels, predicted = predict(model, loader, compute, input_size, ages, spec)
     true_age = ages.cpu()[labels]
     loss, error, count = distributed.all_sum(torch.stack([
         F.cross_entropy(logits, labels, reduction="sum"), (predicted - true_age).abs().sum(),
-        torch.tensor(float(len(labels)))]))
+        torch.tensor(float(len(labels)))]), world)
     return {"val_loss": (loss / count).item(), "val_mae": (error / count).item()}
 
 
@@ -260,13 +263,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
             _save_best(out, best, meta)  # dvc repro deleted model.pt before rerunning the stage
             print(f"resuming from epoch {start_epoch} of {config.epochs} ({out / LAST})")
 
-    trained = distributed.wrap(model, compute.device)
+    trained = distributed.wrap(model, compute.device, world)
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
         metrics = train_one_epoch(trained, train_loader, optimizer, compute, config, epoch, world,
                                   average)
         scored = average.module if average is not None else model
-        metrics |= evaluate(scored, val_loader, compute, config.input_size, ages, config.input_spec)
+        metrics |= evaluate(scored, val_loader, compute, config.input_size, ages, config.input_spec,
+                            world)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step(metrics["val_loss"])
         history.append({"epoch": epoch + 1, **metrics})
