@@ -4,7 +4,8 @@ Both train the same network on the same uint8 crops for the same number of steps
   agecascade  memory-mapped crop store -> whole-batch reads -> augmentation and normalisation
               on the device -> ``train_one_epoch`` (the `train` stage's code) with the compute
               that ``--precision auto`` picks (``agecascade.train.compute``), and with each
-              precision x memory format, so the choice can be checked on a new machine
+              precision x memory format, so the choice can be checked on a new machine;
+              with ``--compile``, auto's choice through torch.compile too
   plain       a per-image Dataset (ToTensor-style float conversion and normalisation on the
               CPU), default collate, fp32, NCHW, torch.optim.Adam's defaults, no augmentation:
               the loop a PyTorch user writes first, doing strictly less work per image
@@ -69,26 +70,32 @@ def plain_loop(model, crops, labels, batch, steps, device, workers) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def ours(model, crops, labels, batch, steps, compute: Compute, workers, size) -> dict:
+def ours(model, crops, labels, batch, steps, compute: Compute, workers, size,
+         compiled: bool = False) -> dict:
     """The `train` stage's epoch for ``steps`` batches after a warm-up one: its images/s, the
-    share of the time it waited for data, and (CUDA) the peak memory it allocated."""
+    share of the time it waited for data, (CUDA) the peak memory it allocated, and the
+    warm-up's seconds (with ``compiled``, as `train --compile` runs it: compilation included)."""
     rows = np.arange(len(labels))
     loader = make_loader(crops, labels, rows, batch, True, 0, workers, compute.device.type == "cuda")
     config = TrainConfig(epochs=1, lr=1e-4, batch_size=batch, patience=5, input_size=size, seed=0,
                          max_train_batches=1)
     optimizer = adam(model.parameters(), 1e-4)
     model.to(memory_format=compute.memory_format)
-    train_one_epoch(model, loader, optimizer, compute, config, epoch=0)  # warm-up
+    stepped = torch.compile(model) if compiled else model
+    started = time.perf_counter()
+    train_one_epoch(stepped, loader, optimizer, compute, config, epoch=0)  # warm-up
+    warm_up_s = time.perf_counter() - started
     config.max_train_batches = steps
     if compute.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute.device)
     # the epoch reads its summed loss (a host sync) before its clock stops: honest on CUDA too
-    metrics = train_one_epoch(model, loader, optimizer, compute, config, epoch=1)
+    metrics = train_one_epoch(stepped, loader, optimizer, compute, config, epoch=1)
     peak = torch.cuda.max_memory_allocated(compute.device) / 2**30 \
         if compute.device.type == "cuda" else None
     return {"img_s": round(metrics["train_images_per_s"], 1),
             "data_wait_fraction": round(metrics["data_wait_fraction"], 3),
-            "peak_gpu_mem_gib": None if peak is None else round(peak, 2)}
+            "peak_gpu_mem_gib": None if peak is None else round(peak, 2),
+            "warm_up_s": round(warm_up_s, 1)}
 
 
 def _sync(device: torch.device) -> None:
@@ -115,12 +122,17 @@ def measure(name: str, crops, labels, args, device: torch.device) -> dict:
     project = variants.get(label(chosen)) or ours(fresh(), crops, labels, args.batch, args.steps,
                                                   chosen, args.workers, args.size)
     plain = plain_loop(fresh(), crops, labels, args.batch, args.steps, device, args.workers)
+    if args.compile:
+        compiled = ours(fresh(), crops, labels, args.batch, args.steps, chosen, args.workers,
+                        args.size, compiled=True)
+        variants[label(chosen) + "_compiled"] = compiled
     return {"backbone": name, "size": args.size, "batch": args.batch, "device": device.type,
             "auto": label(chosen), "project_img_s": project["img_s"],
             "plain_img_s": round(plain, 1), "ratio": round(project["img_s"] / plain, 2),
             "data_wait_fraction": project["data_wait_fraction"],
             "peak_gpu_mem_gib": project["peak_gpu_mem_gib"],
-            "variants_img_s": {k: v["img_s"] for k, v in variants.items()}}
+            "variants_img_s": {k: v["img_s"] for k, v in variants.items()},
+            "warm_up_s": {k: v["warm_up_s"] for k, v in variants.items()}}
 
 
 def main() -> None:
@@ -133,6 +145,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--all-variants", action="store_true",
                         help="also time each of fp32/bf16 x NCHW/NHWC on the project's path")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time auto's variant through torch.compile (train --compile)")
     parser.add_argument("--json", action="store_true", help="one JSON object per backbone")
     args = parser.parse_args()
 

@@ -19,7 +19,7 @@ from agecascade.cli import main
 from agecascade.errors import UserError
 from agecascade.train.data import BatchOrder, make_loader
 from agecascade.train import tune
-from agecascade.train.distributed import World
+from agecascade.train.distributed import World, gpu_index
 from test_adience import write_adience
 from test_adience import write_init as write_adience_init
 from test_lopo import lopo_args, write_fgnet_like, write_init
@@ -82,6 +82,14 @@ def test_a_rank_outside_the_world_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="RANK 2 is outside WORLD_SIZE 2"):
         distributed.from_env()
+
+
+def test_processes_that_train_alone_go_round_the_gpus_and_ddp_takes_one_each():
+    node = [World(rank, 6, local_rank=rank) for rank in range(6)]
+    assert [gpu_index(w, 2, shared=True) for w in node] == [0, 1, 0, 1, 0, 1]  # 3 folds a GPU
+    assert [gpu_index(w, 8, shared=False) for w in node] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(UserError, match="--nproc-per-node 2 at most"):
+        gpu_index(node[2], 2, shared=False)  # NCCL: one DDP process per GPU
 
 
 def test_commands_that_are_not_data_parallel_refuse_under_torchrun(monkeypatch, capsys):

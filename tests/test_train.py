@@ -23,6 +23,7 @@ from agecascade.config import from_args
 from agecascade.data.manifest import make_row, to_frame
 from agecascade.data.store import CROPS, MANIFEST, create_store
 from agecascade.errors import UserError
+from agecascade.nets import create_model
 from agecascade.train import finetune
 from agecascade.train.compute import Compute
 from agecascade.train.data import LabelSpace, assign_split
@@ -248,8 +249,9 @@ def test_label_space_covers_the_data_range():
     assert space.encode(np.array([3.0, 7.0, 9.0])).tolist() == [0, 4, 4]
 
 
-@pytest.mark.parametrize("loss", [(), ("--label-sigma", "2"), ("--precision", "bf16")],
-                         ids=["one-hot", "label-sigma", "bf16-autocast"])
+@pytest.mark.parametrize("loss", [(), ("--label-sigma", "2"), ("--precision", "bf16"),
+                                  ("--compile",)],
+                         ids=["one-hot", "label-sigma", "bf16-autocast", "compiled"])
 def test_training_learns_and_writes_its_outputs(toy, tmp_path, loss):
     out = tmp_path / "run"
     assert main(train_args(toy, out, "--epochs", "3", "--test-fraction", "0.1", *loss)) == 0
@@ -261,6 +263,7 @@ def test_training_learns_and_writes_its_outputs(toy, tmp_path, loss):
     assert not (out / "last.pt").exists()  # a finished run leaves no resume point
     state = torch.load(out / "model.pt", weights_only=True)
     assert state["meta"]["backbone"] == "resnet18" and len(state["meta"]["ages"]) == 60
+    assert state["model"].keys() == create_model("resnet18", 60).state_dict().keys()  # compiled too
 
 
 def test_evaluate_scores_a_model_file(toy, tmp_path, capsys):
@@ -414,7 +417,6 @@ def test_a_resume_point_of_other_data_is_not_used(tiny, tmp_path, capsys):
 
 
 def test_resume_key_follows_content_not_paths(tiny, tmp_path):
-    from agecascade.nets import create_model
     from agecascade.train.cascade import read_init
 
     cpu = torch.device("cpu")

@@ -167,7 +167,7 @@ def load_protocol(config: AdienceConfig) -> Protocol:
         raise UserError(f"{config.init}: not a stage model.pt (needs 'model' and 'meta' with "
                         "arch, ages, input_spec, input_size)")
     folds = manifest["fold"].astype("Float64").fillna(-1).to_numpy(dtype=np.int64)
-    device = distributed.own_device(pick_device(config.device))
+    device = distributed.own_device(pick_device(config.device), shared=True)
     key = run_key({}, config.manifest, device.type, init)  # each fold adds its settings
     compute = choose_compute(device, init["meta"]["arch"], config.precision)
     print(f"computing on {compute.describe()}")

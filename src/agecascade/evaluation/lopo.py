@@ -445,7 +445,7 @@ def run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None 
     if distributed.from_env().size > 1 and config.mode == "a":
         raise UserError("mode a trains every fold's head at once in one process: run it "
                         "without torchrun")
-    world, device = distributed.join(pick_device(config.device))
+    world, device = distributed.join(pick_device(config.device), shared=True)
     try:
         return _run(config, on_fold, init, world, device)
     finally:

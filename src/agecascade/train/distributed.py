@@ -10,7 +10,9 @@ process and nothing here changes what it does. With more, each process:
 - evaluates its share of the validation rows, summed over processes;
 - leaves writing (checkpoints, metrics, MLflow) to rank 0.
 The backend is gloo on the CPU and NCCL on CUDA, where process ``LOCAL_RANK`` takes GPU
-``LOCAL_RANK``. Several nodes need one filesystem for ``--out`` (rank 0 writes the resume point
+``LOCAL_RANK``. Commands whose processes each train alone (`lopo`'s folds, `tune`'s points,
+`adience`'s folds) may start more processes than GPUs: they go round the GPUs
+(:func:`gpu_index`), so one GPU trains several folds at once. Several nodes need one filesystem for ``--out`` (rank 0 writes the resume point
 that every rank reads on a restart).
 """
 from __future__ import annotations
@@ -50,31 +52,48 @@ def from_env() -> World:
     return world
 
 
-def own_device(device: torch.device) -> torch.device:
-    """This process's device: under torchrun on CUDA, GPU LOCAL_RANK; otherwise ``device``."""
+def gpu_index(world: World, gpus: int, shared: bool) -> int:
+    """The GPU of process LOCAL_RANK on its node. Data-parallel training takes one process per
+    GPU, as NCCL requires. ``shared``: processes that each train alone (LOPO folds, grid
+    points, Adience folds) go round the GPUs, so a node may start more of them than it has
+    GPUs and train several folds at once on each GPU, as far as its memory allows."""
+    if shared:
+        return world.local_rank % gpus
+    if world.local_rank >= gpus:
+        raise UserError(f"LOCAL_RANK {world.local_rank}: this node has {gpus} GPU(s), and "
+                        f"data-parallel training takes one process per GPU (--nproc-per-node "
+                        f"{gpus} at most)")
+    return world.local_rank
+
+
+def own_device(device: torch.device, shared: bool = False) -> torch.device:
+    """This process's device: under torchrun on CUDA, the GPU :func:`gpu_index` gives it;
+    otherwise ``device``."""
     world = from_env()
     if world.size == 1 or device.type != "cuda":
         return device
-    if device.index not in (None, world.local_rank):
+    gpu = gpu_index(world, torch.cuda.device_count(), shared)
+    if device.index not in (None, gpu):
         raise UserError(f"--device {device}: under torchrun each process takes the GPU of "
-                        "its LOCAL_RANK; pass --device cuda or auto")
-    device = torch.device("cuda", world.local_rank)
+                        f"its LOCAL_RANK (here cuda:{gpu}); pass --device cuda or auto")
+    device = torch.device("cuda", gpu)
     torch.cuda.set_device(device)
     return device
 
 
-def join(device: torch.device) -> tuple[World, torch.device]:
+def join(device: torch.device, shared: bool = False) -> tuple[World, torch.device]:
     """Join torchrun's process group (once per process) and return this process's device
-    (:func:`own_device`)."""
+    (:func:`own_device`). ``shared``: the processes only wait for each other (a gloo group,
+    which several processes on one GPU can join), as LOPO's folds do; else NCCL on CUDA."""
     world = from_env()
     if world.size == 1:
         return world, device
-    device = own_device(device)
+    device = own_device(device, shared)
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"--device {device}: data-parallel runs support cpu (gloo) and cuda "
                         "(NCCL)")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" and not shared else "gloo")
     return world, device
 
 

@@ -50,6 +50,7 @@ class TrainConfig:
     input_spec: InputSpec = IMAGENET  # pixel convention of the pretrained weights
     max_train_batches: int = 0   # 0 = whole epoch; the grid may cap trial cost with it
     ema: float = 0.0             # > 0: validate and keep a moving average of the weights
+    compile: bool = False        # torch.compile the network the training steps call
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
@@ -264,6 +265,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
             print(f"resuming from epoch {start_epoch} of {config.epochs} ({out / LAST})")
 
     trained = distributed.wrap(model, compute.device, world)
+    if config.compile:  # the steps only: evaluation and state dicts use the plain module
+        trained = torch.compile(trained)
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
         metrics = train_one_epoch(trained, train_loader, optimizer, compute, config, epoch, world,

@@ -80,6 +80,9 @@ class FinetuneConfig:
     workers: int = option(0, help="data-loader processes")
     device: str = device_option()
     precision: str = precision_option()
+    compile: bool = option(False, help="run the training steps through torch.compile (opt-in: "
+                                       "it compiles for minutes first; see the README's "
+                                       "Benchmark)")
     out: Path = option(help="folder of model.pt, metrics.json and history.csv")
 
     def __post_init__(self) -> None:
@@ -154,7 +157,8 @@ def starting_point(config: FinetuneConfig, alone: bool = False) -> Start:
     own GPU (a `tune` worker's trial)."""
     init = read_init(config.init) if config.init else None
     if alone:
-        world, device = distributed.World(), distributed.own_device(pick_device(config.device))
+        world = distributed.World()
+        device = distributed.own_device(pick_device(config.device), shared=True)
     else:
         world, device = distributed.join(pick_device(config.device))
     return Start(init, device, resume_key(config, init, device, world.size), world)
@@ -206,7 +210,7 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
                        patience=config.patience, input_size=config.input_size, seed=config.seed,
                        max_train_batches=config.max_train_batches, input_spec=spec,
                        degrade=Degrade.each(config.degrade), label_sigma=config.label_sigma,
-                       ema=config.ema)
+                       ema=config.ema, compile=config.compile)
     optimizer = adam([p for p in model.parameters() if p.requires_grad], lr)
     pin = device.type == "cuda"
     weights = balance_weights(labels[rows["train"]], config.balance) if config.balance else None
