@@ -171,6 +171,7 @@ def test_dvc_yaml_tune_command_parses_into_the_params(dvc_commands, params):
     ({"max_images": -1}, "--max-images"),
     ({"degrade": 1.5}, "--degrade 1.5"),
     ({"ema": 1.0}, "--ema 1: a decay per step"),
+    ({"mean_variance": -0.1}, "--mean-variance -0.1: a weight"),
     ({"val_fraction": 0.0}, "--val-fraction 0"),
     ({"val_fraction": 0.6, "test_fraction": 0.4}, "together < 1"),
 ])
@@ -228,6 +229,17 @@ def test_the_label_distribution_is_a_gaussian_around_the_age_over_the_label_spac
     assert target[0, 0] > target[1, 5]   # cut at the edge of the space, then renormalised
 
 
+def test_the_mean_variance_penalty_is_the_mean_error_and_spread_of_the_distribution():
+    from agecascade.train.engine import mean_variance_penalty
+
+    certain = torch.full((1, 10), -1e4)
+    certain[0, 7] = 0.0                       # all mass on class 7
+    assert mean_variance_penalty(certain, torch.tensor([4])).item() == pytest.approx(0.5 * 3 ** 2)
+    split = torch.full((1, 10), -1e4)
+    split[0, [2, 6]] = 0.0                    # half on 2, half on 6: mean 4, variance 4
+    assert mean_variance_penalty(split, torch.tensor([4])).item() == pytest.approx(0.25 * 4)
+
+
 def test_balanced_sampling_draws_rare_ages_as_often_as_common_ones():
     from agecascade.train.data import BatchOrder, balance_weights
 
@@ -249,9 +261,10 @@ def test_label_space_covers_the_data_range():
     assert space.encode(np.array([3.0, 7.0, 9.0])).tolist() == [0, 4, 4]
 
 
-@pytest.mark.parametrize("loss", [(), ("--label-sigma", "2"), ("--precision", "bf16"),
-                                  ("--compile",)],
-                         ids=["one-hot", "label-sigma", "bf16-autocast", "compiled"])
+@pytest.mark.parametrize("loss", [(), ("--label-sigma", "2"), ("--mean-variance", "0.2"),
+                                  ("--precision", "bf16"), ("--compile",)],
+                         ids=["one-hot", "label-sigma", "mean-variance", "bf16-autocast",
+                              "compiled"])
 def test_training_learns_and_writes_its_outputs(toy, tmp_path, loss):
     out = tmp_path / "run"
     assert main(train_args(toy, out, "--epochs", "3", "--test-fraction", "0.1", *loss)) == 0

@@ -65,6 +65,10 @@ class FinetuneConfig:
     label_sigma: float = option(0.0, help="train on a Gaussian of this many years around each "
                                           "age instead of one class (0 = the thesis's one-hot "
                                           "cross-entropy)")
+    mean_variance: float = option(0.0, help="add this weight x (half the squared error of the "
+                                            "predicted mean + a quarter of the predicted "
+                                            "variance, in years) to the loss: Pan et al.'s "
+                                            "mean-variance loss (0 = off, as in the thesis)")
     ema: float = option(0.0, help="keep and validate an exponential moving average of the "
                                   "weights with this decay per step (0 = the weights as "
                                   "trained, as in the thesis)")
@@ -101,6 +105,8 @@ class FinetuneConfig:
                             "be >= 0")
         if self.label_sigma < 0:
             raise UserError(f"--label-sigma {self.label_sigma:g}: years, >= 0")
+        if self.mean_variance < 0:
+            raise UserError(f"--mean-variance {self.mean_variance:g}: a weight, >= 0")
         if not 0 <= self.ema < 1:
             raise UserError(f"--ema {self.ema:g}: a decay per step, >= 0 and < 1")
         if not 0 <= self.balance <= 1:
@@ -210,7 +216,8 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
                        patience=config.patience, input_size=config.input_size, seed=config.seed,
                        max_train_batches=config.max_train_batches, input_spec=spec,
                        degrade=Degrade.each(config.degrade), label_sigma=config.label_sigma,
-                       ema=config.ema, compile=config.compile)
+                       ema=config.ema, mean_variance=config.mean_variance,
+                       compile=config.compile)
     optimizer = adam([p for p in model.parameters() if p.requires_grad], lr)
     pin = device.type == "cuda"
     weights = balance_weights(labels[rows["train"]], config.balance) if config.balance else None
