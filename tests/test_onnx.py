@@ -45,7 +45,8 @@ def write_checkpoint(path: Path, seed: int, crop: CropRecipe | None = RECIPE) ->
     model = create_model("resnet18", len(AGES))
     model.output_layer.weight.data.mul_(0.03)
     meta = {"arch": model.arch, "ages": AGES, "input_spec": asdict(VGGFACE2_CAFFE),
-            "input_size": SIZE, "backbone": "resnet18", "mode": "b", "dataset": "agedb"}
+            "input_size": SIZE, "backbone": "resnet18", "mode": "b", "dataset": "agedb",
+            "temperature": 1.7}
     if crop is not None:
         meta["crop"] = asdict(crop)
     torch.save({"model": model.state_dict(), "meta": meta, "epoch": 0, "metrics": {}}, path)
@@ -109,6 +110,7 @@ def test_metadata_round_trip(exported):
     assert engine.ages.dtype == np.float32 and engine.ages.tolist() == AGES
     assert engine.recipe == RECIPE
     assert (engine.arch, engine.backbone) == ("resnet18", "resnet18")
+    assert engine.temperature == 1.7  # the interval is calibrated as the checkpoint's
 
 
 def test_engine_refuses_crops_it_was_not_made_for(exported):

@@ -183,6 +183,34 @@ def test_the_interval_holds_the_distribution_and_the_minor_mass_is_below_18():
     np.testing.assert_allclose(out["p_under_18"], [0.0, 0.5])
 
 
+def test_the_temperature_widens_the_interval_and_leaves_the_age():
+    ages = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
+    probs = np.array([[0.005, 0.03, 0.93, 0.03, 0.005]])
+    cold, warm = summarise(probs, ages), summarise(probs, ages, temperature=1.5)
+    assert warm["age"] == pytest.approx(cold["age"])  # the network's own expected value
+    assert (cold["age_low"][0], cold["age_high"][0]) == (30.0, 30.0)
+    # tempered, 10 holds 2.4 % and 20 holds 8.0 %: the 5 % quantiles move out to 20 and 40
+    assert (warm["age_low"][0], warm["age_high"][0]) == (20.0, 40.0)
+    assert warm["age_std"][0] > cold["age_std"][0]
+    two = summarise(np.array([[0.8, 0.2]]), np.array([10.0, 30.0]), temperature=2.0)
+    # sqrt(0.8) / (sqrt(0.8) + sqrt(0.2)) = 2/3 of the mass is under 18; the age stays 14
+    np.testing.assert_allclose([two["p_under_18"][0], two["age"][0]], [2 / 3, 14.0])
+
+
+def test_predict_calibrates_with_the_checkpoints_temperature(tmp_path):
+    plain = TorchEngine(write_checkpoint(tmp_path / "plain.pt", seed=4), "cpu")
+    tempered = TorchEngine(write_checkpoint(tmp_path / "warm.pt", seed=4, temperature=3.0), "cpu")
+    assert (plain.temperature, tempered.temperature) == (1.0, 3.0)  # 1: no temperature stored
+    crops = np.random.default_rng(5).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    cold, _ = Predictor(plain).estimate(crops)
+    warm, probs = Predictor(tempered).estimate(crops)
+    np.testing.assert_allclose(warm["age"], cold["age"], atol=1e-6)
+    expected = summarise(probs, tempered.ages, temperature=3.0)
+    for key in ("age_std", "age_low", "age_high", "p_under_18"):
+        np.testing.assert_allclose(warm[key], expected[key], err_msg=key)
+    assert not np.allclose(warm["age_std"], cold["age_std"])
+
+
 def test_the_predictor_batches_any_number_of_crops(checkpoint):
     predictor = Predictor(TorchEngine(checkpoint, "cpu"), batch=4)
     crops = np.random.default_rng(2).integers(0, 256, (10, 48, 48, 3), dtype=np.uint8)

@@ -26,6 +26,7 @@ from agecascade.errors import UserError
 from agecascade.nets import create_model
 from agecascade.train import finetune
 from agecascade.train.compute import Compute
+from agecascade.train.calibration import coverage, fit_temperature, nll
 from agecascade.train.data import LabelSpace, assign_split
 from agecascade.train.finetune import FinetuneConfig, resume_key
 from agecascade.train.tune import TuneConfig
@@ -129,8 +130,8 @@ def test_dvc_yaml_train_commands_parse_into_the_params(dvc_commands, params, ste
             (wanted["epochs"], wanted["patience"], wanted["val_fraction"])
         assert (config.input_size, config.seed, config.workers, config.device) == \
             (shared["input_size"], shared["seed"], shared["workers"], shared["device"])
-        assert (config.degrade, config.label_sigma, config.precision) == \
-            (shared["degrade"], shared["label_sigma"], shared["precision"])
+        assert (config.degrade, config.label_sigma, config.mean_variance, config.precision) == \
+            (shared["degrade"], shared["label_sigma"], shared["mean_variance"], shared["precision"])
         if step == "finetune_imdb":
             assert (config.pretrained, config.weights) == (item["pretrained"], item["weights"])
             assert config.init is None and config.mode == "b"
@@ -229,6 +230,21 @@ def test_the_label_distribution_is_a_gaussian_around_the_age_over_the_label_spac
     assert target[0, 0] > target[1, 5]   # cut at the edge of the space, then renormalised
 
 
+def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_at():
+    """Labels drawn from softmax(logits / 2.5): the NLL's minimum is at T = 2.5 give or take
+    the sampling noise of 20,000 rows; the coverage of the interval rises with T."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(20_000, 12, generator=generator)
+    labels = torch.multinomial(torch.softmax(logits / 2.5, dim=1), 1, generator=generator)[:, 0]
+    temperature = fit_temperature(logits, labels)
+    assert temperature == pytest.approx(2.5, rel=0.04)
+    assert nll(logits, labels, temperature) < min(nll(logits, labels, t) for t in (2.2, 2.8))
+    ages = np.arange(12, dtype=float)
+    assert coverage(logits, labels, ages, 1.0) < coverage(logits, labels, ages, temperature)
+    with pytest.raises(ValueError, match="at least one"):
+        fit_temperature(logits[:0], labels[:0])
+
+
 def test_the_mean_variance_penalty_is_the_mean_error_and_spread_of_the_distribution():
     from agecascade.train.engine import mean_variance_penalty
 
@@ -271,11 +287,13 @@ def test_training_learns_and_writes_its_outputs(toy, tmp_path, loss):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_mae"] < 0.6 * metrics["val_mae_median_baseline"]
     assert "test_mae" in metrics and metrics["n_test"] > 0
+    assert 0 <= metrics["val_coverage"] <= 1 and 0 <= metrics["test_coverage"] <= 1
     history = (out / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 4
     assert not (out / "last.pt").exists()  # a finished run leaves no resume point
     state = torch.load(out / "model.pt", weights_only=True)
     assert state["meta"]["backbone"] == "resnet18" and len(state["meta"]["ages"]) == 60
+    assert state["meta"]["temperature"] == metrics["temperature"] > 0  # fitted on the val split
     assert state["model"].keys() == create_model("resnet18", 60).state_dict().keys()  # compiled too
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from agecascade import config as cli_config
 from agecascade.inference.annotate import Annotator
-from agecascade.inference.predictor import INTERVAL, Predictor, load_engine
+from agecascade.inference.predictor import Predictor, load_engine
+from agecascade.train.calibration import INTERVAL
 from agecascade.inference.run import PredictConfig, run
 
 
@@ -22,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files, folders (walked recursively) and videos")
     parser.epilog = (f"age_low / age_high: the {100 * (1 - INTERVAL) / 2:g}th and "
                      f"{100 * (1 + INTERVAL) / 2:g}th percentiles of the predicted age "
-                     "distribution; p_under_18: its mass below 18.")
+                     "distribution, calibrated by the temperature fitted on the validation split "
+                     "in training; age_std and p_under_18: its spread and its mass below 18. "
+                     "age: the expected value of the network's own distribution.")
 
 
 def main(args: argparse.Namespace) -> int:

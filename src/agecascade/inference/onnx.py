@@ -117,6 +117,7 @@ def _metadata(meta: dict, recipe: CropRecipe) -> dict[str, str]:
         f"{KEY}crop": json.dumps(asdict(recipe)),
         f"{KEY}arch": str(meta["arch"]),
         f"{KEY}backbone": str(meta.get("backbone", meta["arch"])),
+        f"{KEY}temperature": repr(float(meta.get("temperature", 1.0))),
     }
 
 
@@ -242,6 +243,7 @@ class OnnxEngine:
         self.recipe = CropRecipe(**crop)
         self.arch = props[f"{KEY}arch"]
         self.backbone = props[f"{KEY}backbone"]
+        self.temperature = float(props.get(f"{KEY}temperature", 1.0))  # absent before calibration
 
     def probs(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (B, size, size, 3) -> float32 (B, K) class probabilities."""

@@ -18,10 +18,10 @@ import torch
 from agecascade.data.recipe import CropRecipe
 from agecascade.errors import MissingInput
 from agecascade.nets.checkpoint import input_spec, load_checkpoint
+from agecascade.train.calibration import central_interval, temper
 from agecascade.train.data import to_input, to_unit
 from agecascade.train.engine import pick_device
 
-INTERVAL = 0.90          # age_low..age_high holds this much of the predicted distribution
 MINOR_AGE = 18.0         # p_under_18: the predicted mass of ages below this
 
 
@@ -31,6 +31,7 @@ class Engine(Protocol):
     ages: np.ndarray       # float32 (K,): the age of each output class
     recipe: CropRecipe     # how the training crops were cut
     resizes: bool          # takes crops of any size and resizes them as training does
+    temperature: float     # fitted on the validation split (calibration.py); 1 for older models
 
     def probs(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (B, size, size, 3) (any size if ``resizes``) -> float32 (B, K) probabilities."""
@@ -60,6 +61,7 @@ class TorchEngine:
         self.spec = input_spec(meta)
         self.ages = np.asarray(meta["ages"], dtype=np.float32)
         self.recipe = recipe_of(meta, str(checkpoint))
+        self.temperature = float(meta.get("temperature", 1.0))
         self.meta = meta
 
     @torch.no_grad()
@@ -90,21 +92,19 @@ def fit_size(crops: np.ndarray, size: int) -> np.ndarray:
     return (unit.permute(0, 2, 3, 1) * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
-def summarise(probs: np.ndarray, ages: np.ndarray) -> dict[str, np.ndarray]:
-    """(B, K) probabilities over ``ages`` -> per face: age (the DEX expected value), age_std (the
-    distribution's standard deviation), age_low / age_high (its 5th and 95th percentiles, a
-    central 90 % interval) and p_under_18."""
+def summarise(probs: np.ndarray, ages: np.ndarray, temperature: float = 1.0
+              ) -> dict[str, np.ndarray]:
+    """(B, K) probabilities over ``ages`` -> per face: age (the DEX expected value of ``probs``),
+    and of the distribution tempered by ``temperature``: age_std (its standard deviation),
+    age_low / age_high (its central INTERVAL) and p_under_18."""
     probs = probs.astype(np.float64)
     probs /= probs.sum(axis=1, keepdims=True)
     ages = ages.astype(np.float64)
     mean = probs @ ages
-    std = np.sqrt(np.clip(probs @ ages**2 - mean**2, 0.0, None))
-    cdf = np.cumsum(probs, axis=1)
-    tail = (1.0 - INTERVAL) / 2.0
-    # the smallest class age whose cumulative mass reaches the quantile
-    low = ages[np.minimum((cdf < tail).sum(axis=1), len(ages) - 1)]
-    high = ages[np.minimum((cdf < 1.0 - tail).sum(axis=1), len(ages) - 1)]
-    under = probs[:, ages < MINOR_AGE].sum(axis=1)
+    spread = temper(probs, temperature)
+    std = np.sqrt(np.clip(spread @ ages**2 - (spread @ ages)**2, 0.0, None))
+    low, high = central_interval(spread, ages)
+    under = spread[:, ages < MINOR_AGE].sum(axis=1)
     return {"age": mean, "age_std": std, "age_low": low, "age_high": high, "p_under_18": under}
 
 
@@ -136,4 +136,4 @@ class Predictor:
     def estimate(self, crops: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """(summaries of :func:`summarise`, probabilities) of uint8 crops (N, S, S, 3)."""
         probs = self.probs(crops)
-        return summarise(probs, self.engine.ages), probs
+        return summarise(probs, self.engine.ages, self.engine.temperature), probs

@@ -294,7 +294,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, ages
         scheduler.step(metrics["val_loss"])
         history.append({"epoch": epoch + 1, **metrics})
         live = model.state_dict()
-        weights = live if average is None else average.module.state_dict()
+        weights = live if scored is model else scored.state_dict()
         improved = best is None or metrics["val_mae"] < best["metrics"]["val_mae"]
         if improved:
             # the live tensors: torch.save stores tensors shared within one file once, so

@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
-from agecascade.atomic import to_csv_atomic, write_text_atomic
+from agecascade.atomic import to_csv_atomic, torch_save_atomic, write_text_atomic
 from agecascade.cache import run_key
 from agecascade.config import device_option, option
 from agecascade.data.store import crop_recipe, load_prepared
@@ -31,7 +32,8 @@ from agecascade.train.data import (IMAGENET, LabelSpace, assign_split, balance_w
 from agecascade.train.degrade import Degrade
 from agecascade.train import distributed
 from agecascade.train.compute import Compute, choose_compute, precision_option
-from agecascade.train.engine import TrainConfig, adam, evaluate, fit, pick_device
+from agecascade.train.calibration import coverage, fit_temperature
+from agecascade.train.engine import TrainConfig, adam, fit, pick_device, predict
 
 # The settings tune.py's best.json chooses (`agecascade train --hparams`).
 HPARAMS = ("lr", "batch")
@@ -243,7 +245,8 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
 def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np.ndarray,
            labels: np.ndarray, rows: dict[str, np.ndarray], ages: torch.Tensor,
            compute: Compute, space: LabelSpace) -> dict:
-    """Score the kept (lowest val MAE) weights; write metrics.json and history.csv."""
+    """Score the kept (lowest val MAE) weights; fit the interval's temperature on the
+    validation split and store it in model.pt; write metrics.json and history.csv."""
     best = torch.load(config.out / "model.pt", map_location=compute.device, weights_only=True)
     model.load_state_dict(best["model"])
     values = np.asarray(space.values)
@@ -253,11 +256,22 @@ def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np
     kept = best["metrics"]  # the kept epoch's validation scores, measured in fit
     summary |= {"val_loss": kept["val_loss"], "val_mae": kept["val_mae"],
                 "n_val": int(len(rows["val"]))}
+
+    def scored(part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loader = make_loader(crops, labels, rows[part], 64, False, 0, 0, False)
+        return predict(model, loader, compute, config.input_size, ages, input_spec(best["meta"]))
+
+    val_logits, val_labels, _ = scored("val")
+    temperature = fit_temperature(val_logits, val_labels)
+    best["meta"]["temperature"] = temperature
+    torch_save_atomic(best, config.out / "model.pt")
+    summary |= {"temperature": temperature,
+                "val_coverage": coverage(val_logits, val_labels, values, temperature)}
     if len(rows["test"]):
-        loader = make_loader(crops, labels, rows["test"], 64, False, 0, 0, False)
-        scores = evaluate(model, loader, compute, config.input_size, ages,
-                          input_spec(best["meta"]))
-        summary |= {"test_loss": scores["val_loss"], "test_mae": scores["val_mae"],
+        logits, test_labels, predicted = scored("test")
+        summary |= {"test_loss": F.cross_entropy(logits, test_labels).item(),
+                    "test_mae": (predicted - ages.cpu()[test_labels]).abs().mean().item(),
+                    "test_coverage": coverage(logits, test_labels, values, temperature),
                     "n_test": int(len(rows["test"]))}
     write_text_atomic(config.out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     to_csv_atomic(pd.DataFrame(history), config.out / "history.csv")

@@ -302,9 +302,10 @@ def worker_gone(running: FrozenTrial) -> bool:
     worker = running.user_attrs.get(WORKER)
     if worker is None:
         return datetime.now() - running.datetime_start > timedelta(seconds=2 * HEARTBEAT_S)
-    if worker["host"] != this_worker()["host"]:
+    me = this_worker()
+    if worker["host"] != me["host"]:
         return False
-    if worker == this_worker():
+    if worker == me:
         return True
     try:
         os.kill(worker["pid"], 0)  # signal 0: only the check that the process exists
