@@ -306,6 +306,8 @@ def test_evaluate_scores_a_model_file(toy, tmp_path, capsys):
     scored = json.loads(capsys.readouterr().out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert scored["n"] == metrics["n_test"] and abs(scored["mae"] - metrics["test_mae"]) < 1e-4
+    assert scored["temperature"] == metrics["temperature"]
+    assert scored["coverage"] == pytest.approx(metrics["test_coverage"])
 
 
 # A tiny run whose best epoch is the first and no later one beats it: lr 0.03 overshoots (on the

@@ -1,4 +1,5 @@
-"""`agecascade evaluate`: the DEX mean absolute error of a model file on any prepared manifest."""
+"""`agecascade evaluate`: the DEX mean absolute error of a model file on any prepared manifest,
+and how often its calibrated 90 % interval (the one `predict` reports) holds the true age."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import numpy as np
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
 from agecascade.nets.checkpoint import input_spec, load_checkpoint
+from agecascade.train.calibration import coverage
 from agecascade.train.compute import PRECISIONS, choose_compute
 from agecascade.train.data import LabelSpace, assign_split, make_loader
 from agecascade.train.engine import pick_device, predict
@@ -42,10 +44,13 @@ def main(args: argparse.Namespace) -> int:
     space = LabelSpace(tuple(meta["ages"]))
     loader = make_loader(crops, space.encode(ages), rows, args.batch, False, 0, 0, False)
     compute = choose_compute(device, meta["arch"], args.precision)
-    _, _, predicted = predict(model, loader, compute, meta["input_size"], space.tensor(device),
-                              input_spec(meta))
+    logits, labels, predicted = predict(model, loader, compute, meta["input_size"],
+                                        space.tensor(device), input_spec(meta))
     errors = np.abs(predicted.numpy() - ages[rows])
+    temperature = float(meta.get("temperature", 1.0))
     result = {"n": int(len(rows)), "mae": float(errors.mean()),
-              "median_ae": float(np.median(errors)), "split": args.split}
+              "median_ae": float(np.median(errors)), "split": args.split,
+              "temperature": temperature,
+              "coverage": coverage(logits, labels, np.asarray(space.values), temperature)}
     print(json.dumps(result, indent=2))
     return 0
