@@ -256,6 +256,18 @@ def test_the_mean_variance_penalty_is_the_mean_error_and_spread_of_the_distribut
     assert mean_variance_penalty(split, torch.tensor([4])).item() == pytest.approx(0.25 * 4)
 
 
+def test_scores_are_the_mean_cross_entropy_and_the_mean_absolute_error_in_years():
+    from agecascade.train.engine import scores
+
+    ages = torch.tensor([10.0, 20.0, 30.0])
+    logits = torch.log(torch.tensor([[0.5, 0.5, 1e-12], [0.25, 0.25, 0.5]]))
+    labels = torch.tensor([0, 2])                 # true ages 10 and 30
+    predicted = torch.softmax(logits, 1) @ ages   # 15 and 22.5
+    loss, mae = scores(logits, labels, predicted, ages)
+    assert loss == pytest.approx((np.log(2) + np.log(2)) / 2, rel=1e-5)
+    assert mae == pytest.approx((5.0 + 7.5) / 2, rel=1e-5)
+
+
 def test_balanced_sampling_draws_rare_ages_as_often_as_common_ones():
     from agecascade.train.data import BatchOrder, balance_weights
 

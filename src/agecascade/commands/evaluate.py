@@ -10,7 +10,7 @@ import numpy as np
 
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
-from agecascade.nets.checkpoint import input_spec, load_checkpoint
+from agecascade.nets.checkpoint import input_spec, load_checkpoint, temperature_of
 from agecascade.train.calibration import coverage
 from agecascade.train.compute import PRECISIONS, choose_compute
 from agecascade.train.data import LabelSpace, assign_split, make_loader
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     logits, labels, predicted = predict(model, loader, compute, meta["input_size"],
                                         space.tensor(device), input_spec(meta))
     errors = np.abs(predicted.numpy() - ages[rows])
-    temperature = float(meta.get("temperature", 1.0))
+    temperature = temperature_of(meta)
     result = {"n": int(len(rows)), "mae": float(errors.mean()),
               "median_ae": float(np.median(errors)), "split": args.split,
               "temperature": temperature,

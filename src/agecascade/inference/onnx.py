@@ -110,6 +110,8 @@ def _graph_module(model: Any, meta: dict) -> Any:
 
 
 def _metadata(meta: dict, recipe: CropRecipe) -> dict[str, str]:
+    from agecascade.nets.checkpoint import temperature_of
+
     return {
         f"{KEY}format": FORMAT,
         f"{KEY}ages": json.dumps([float(a) for a in meta["ages"]]),
@@ -117,7 +119,7 @@ def _metadata(meta: dict, recipe: CropRecipe) -> dict[str, str]:
         f"{KEY}crop": json.dumps(asdict(recipe)),
         f"{KEY}arch": str(meta["arch"]),
         f"{KEY}backbone": str(meta.get("backbone", meta["arch"])),
-        f"{KEY}temperature": repr(float(meta.get("temperature", 1.0))),
+        f"{KEY}temperature": repr(temperature_of(meta)),
     }
 
 

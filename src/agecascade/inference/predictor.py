@@ -17,7 +17,7 @@ import torch
 
 from agecascade.data.recipe import CropRecipe
 from agecascade.errors import MissingInput
-from agecascade.nets.checkpoint import input_spec, load_checkpoint
+from agecascade.nets.checkpoint import input_spec, load_checkpoint, temperature_of
 from agecascade.train.calibration import central_interval, temper
 from agecascade.train.data import to_input, to_unit
 from agecascade.train.engine import pick_device
@@ -61,7 +61,7 @@ class TorchEngine:
         self.spec = input_spec(meta)
         self.ages = np.asarray(meta["ages"], dtype=np.float32)
         self.recipe = recipe_of(meta, str(checkpoint))
-        self.temperature = float(meta.get("temperature", 1.0))
+        self.temperature = temperature_of(meta)
         self.meta = meta
 
     @torch.no_grad()

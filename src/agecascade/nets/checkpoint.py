@@ -29,3 +29,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Age
 def input_spec(meta: dict) -> InputSpec:
     """The pixel convention a checkpoint's weights expect."""
     return InputSpec(**meta["input_spec"])
+
+
+def temperature_of(meta: dict) -> float:
+    """The temperature that calibrates a checkpoint's intervals; 1 for one trained before
+    calibration existed (its distribution as it is)."""
+    return float(meta.get("temperature", 1.0))

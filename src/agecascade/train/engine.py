@@ -201,17 +201,24 @@ def predict(model: nn.Module, loader: DataLoader, compute: Compute, input_size: 
     return logits, labels, logits.softmax(dim=1) @ ages.cpu()
 
 
+def scores(logits: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,
+           ages: torch.Tensor, world: distributed.World = distributed.World()
+           ) -> tuple[float, float]:
+    """(mean cross-entropy, MAE) of :func:`predict`'s outputs over every process of ``world``
+    (each passes the outputs of its share)."""
+    loss, error, count = distributed.all_sum(torch.stack([
+        F.cross_entropy(logits, labels, reduction="sum"),
+        (predicted - ages.cpu()[labels]).abs().sum(), torch.tensor(float(len(labels)))]), world)
+    return (loss / count).item(), (error / count).item()
+
+
 def evaluate(model: nn.Module, loader: DataLoader, compute: Compute, input_size: int,
              ages: torch.Tensor, spec: InputSpec = IMAGENET,
              world: distributed.World = distributed.World()) -> dict[str, float]:
     """Mean loss and MAE over the loader's rows, of every process of ``world`` (each passes
     the loader of its share)."""
-    logits, labels, predicted = predict(model, loader, compute, input_size, ages, spec)
-    true_age = ages.cpu()[labels]
-    loss, error, count = distributed.all_sum(torch.stack([
-        F.cross_entropy(logits, labels, reduction="sum"), (predicted - true_age).abs().sum(),
-        torch.tensor(float(len(labels)))]), world)
-    return {"val_loss": (loss / count).item(), "val_mae": (error / count).item()}
+    loss, mae = scores(*predict(model, loader, compute, input_size, ages, spec), ages, world)
+    return {"val_loss": loss, "val_mae": mae}
 
 
 LAST, BEST = "last.pt", "model.pt"

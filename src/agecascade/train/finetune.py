@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from agecascade.atomic import to_csv_atomic, torch_save_atomic, write_text_atomic
 from agecascade.cache import run_key
@@ -33,7 +32,7 @@ from agecascade.train.degrade import Degrade
 from agecascade.train import distributed
 from agecascade.train.compute import Compute, choose_compute, precision_option
 from agecascade.train.calibration import coverage, fit_temperature
-from agecascade.train.engine import TrainConfig, adam, fit, pick_device, predict
+from agecascade.train.engine import TrainConfig, adam, fit, pick_device, predict, scores
 
 # The settings tune.py's best.json chooses (`agecascade train --hparams`).
 HPARAMS = ("lr", "batch")
@@ -269,8 +268,8 @@ def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np
                 "val_coverage": coverage(val_logits, val_labels, values, temperature)}
     if len(rows["test"]):
         logits, test_labels, predicted = scored("test")
-        summary |= {"test_loss": F.cross_entropy(logits, test_labels).item(),
-                    "test_mae": (predicted - ages.cpu()[test_labels]).abs().mean().item(),
+        test_loss, test_mae = scores(logits, test_labels, predicted, ages)
+        summary |= {"test_loss": test_loss, "test_mae": test_mae,
                     "test_coverage": coverage(logits, test_labels, values, temperature),
                     "n_test": int(len(rows["test"]))}
     write_text_atomic(config.out / "metrics.json", json.dumps(summary, indent=2) + "\n")
