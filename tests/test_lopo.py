@@ -60,7 +60,8 @@ def write_init(path: Path, ages: tuple[float, ...]) -> Path:
     meta = {"arch": model.arch, "backbone": "resnet18", "ages": list(ages),
             "input_spec": {"channels": "RGB", "value_range": 1.0, "mean": list(IMAGENET.mean),
                            "std": list(IMAGENET.std)},
-            "input_size": SIZE, "mode": "b", "dataset": "toy"}
+            "input_size": SIZE, "mode": "b", "dataset": "toy",
+            "temperature": 2.0, "bias_line": [0.8, 5.0]}  # fitted on the toy run's own split
     torch.save({"model": model.state_dict(), "meta": meta, "epoch": 0, "metrics": {}}, path)
     return path
 
@@ -121,6 +122,7 @@ def test_mode_a_learns_and_writes_a_loadable_model(fgnet, init, tmp_path):
     assert not (out / lopo.FOLDS_DIR).exists()  # the resume cache goes once the run is complete
     model, meta = load_checkpoint(out / "model.pt")
     assert meta["mode"] == "a" and meta["dataset"] == "fgnet" and len(meta["ages"]) == 100
+    assert not {"temperature", "bias_line"} & meta.keys()  # the init's calibration is not its own
     assert main(["evaluate", "--model", str(out / "model.pt"), "--manifest", str(fgnet),
                  "--device", "cpu"]) == 0
 

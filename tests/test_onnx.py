@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
 
 import onnx  # noqa: E402
+import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
 from agecascade import cli  # noqa: E402
@@ -24,6 +25,7 @@ from agecascade.errors import MissingInput, UserError  # noqa: E402
 from agecascade.inference import onnx as agecascade_onnx  # noqa: E402
 from agecascade.inference.onnx import (MAX_AGE_DIFF, OnnxEngine, OnnxParityError,  # noqa: E402
                                        export_onnx, probe_crops)
+from agecascade.inference.predictor import Predictor  # noqa: E402
 from agecascade.nets import create_model  # noqa: E402
 from agecascade.nets.checkpoint import input_spec, load_checkpoint  # noqa: E402
 from agecascade.nets.dex import dex_age  # noqa: E402
@@ -46,7 +48,7 @@ def write_checkpoint(path: Path, seed: int, crop: CropRecipe | None = RECIPE) ->
     model.output_layer.weight.data.mul_(0.03)
     meta = {"arch": model.arch, "ages": AGES, "input_spec": asdict(VGGFACE2_CAFFE),
             "input_size": SIZE, "backbone": "resnet18", "mode": "b", "dataset": "agedb",
-            "temperature": 1.7}
+            "temperature": 1.7, "bias_line": [0.9, 8.0]}
     if crop is not None:
         meta["crop"] = asdict(crop)
     torch.save({"model": model.state_dict(), "meta": meta, "epoch": 0, "metrics": {}}, path)
@@ -111,6 +113,19 @@ def test_metadata_round_trip(exported):
     assert engine.recipe == RECIPE
     assert (engine.arch, engine.backbone) == ("resnet18", "resnet18")
     assert engine.temperature == 1.7  # the interval is calibrated as the checkpoint's
+    assert engine.bias_line == (0.9, 8.0)  # and its ages are read through the same line
+
+
+def test_the_graphs_age_is_the_bias_corrected_one_predict_gives(exported):
+    crops = probe_crops(SIZE, n=6, seed=11)
+    session = onnxruntime.InferenceSession(str(exported.out), providers=["CPUExecutionProvider"])
+    age, probs = session.run(["age", "probs"], {"crops": crops})
+    engine = exported.engine
+    corrected = (engine.ages.astype(np.float64) - 8.0) / 0.9  # 2.2 .. 64.4: none clipped
+    np.testing.assert_allclose(age, probs @ corrected, atol=1e-3)
+    np.testing.assert_allclose(age, Predictor(engine, flip=False).estimate(crops)[0]["age"],
+                               atol=1e-3)
+    assert np.abs(age - probs @ engine.ages).min() > 1.0  # the raw DEX age is another number
 
 
 def test_engine_refuses_crops_it_was_not_made_for(exported):

@@ -211,6 +211,28 @@ def test_predict_calibrates_with_the_checkpoints_temperature(tmp_path):
     assert not np.allclose(warm["age_std"], cold["age_std"])
 
 
+def test_predict_reads_the_ages_through_the_checkpoints_bias_line(tmp_path):
+    plain = TorchEngine(write_checkpoint(tmp_path / "plain.pt", seed=4), "cpu")
+    lined = TorchEngine(write_checkpoint(tmp_path / "line.pt", seed=4, bias_line=[0.8, 6.0]), "cpu")
+    assert (plain.bias_line, lined.bias_line) == ((1.0, 0.0), (0.8, 6.0))  # none stored: none
+    crops = np.random.default_rng(5).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    raw, _ = Predictor(plain).estimate(crops)
+    read, probs = Predictor(lined).estimate(crops)
+    np.testing.assert_allclose(read["age"], (raw["age"] - 6.0) / 0.8, rtol=1e-6)  # classes 10..70: none clipped
+    np.testing.assert_allclose(read["age_std"], raw["age_std"] / 0.8, rtol=1e-6)
+    # the interval's ends are class ages read through the line: 10 -> 5, 20 -> 17.5, ...
+    np.testing.assert_allclose(read["age_low"], (raw["age_low"] - 6.0) / 0.8)
+    # under 18 now also takes the class of 20 (17.5 as read)
+    np.testing.assert_allclose(read["p_under_18"], probs[:, :2].sum(axis=1), rtol=1e-5)
+
+
+def test_bias_line_ages_are_never_below_zero():
+    from agecascade.train.calibration import corrected_ages
+
+    np.testing.assert_allclose(corrected_ages(np.array([1.0, 3.0, 12.0]), (0.9, 2.0)),
+                               [0.0, 1 / 0.9, 10 / 0.9])
+
+
 def test_the_predictor_batches_any_number_of_crops(checkpoint):
     predictor = Predictor(TorchEngine(checkpoint, "cpu"), batch=4)
     crops = np.random.default_rng(2).integers(0, 256, (10, 48, 48, 3), dtype=np.uint8)

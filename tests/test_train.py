@@ -240,9 +240,23 @@ def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_at():
     assert temperature == pytest.approx(2.5, rel=0.04)
     assert nll(logits, labels, temperature) < min(nll(logits, labels, t) for t in (2.2, 2.8))
     ages = np.arange(12, dtype=float)
-    assert coverage(logits, labels, ages, 1.0) < coverage(logits, labels, ages, temperature)
+    truth = ages[labels.numpy()]
+    assert coverage(logits, truth, ages, 1.0) < coverage(logits, truth, ages, temperature)
     with pytest.raises(ValueError, match="at least one"):
         fit_temperature(logits[:0], labels[:0])
+
+
+def test_the_bias_line_is_fitted_on_predicted_against_true_ages_and_refused_when_flat():
+    from agecascade.train.calibration import IDENTITY, fit_bias_line
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(1, 80, 5000)
+    predicted = 0.9 * truth + 3.0 + rng.normal(0, 4, truth.shape)  # pulled toward the middle
+    slope, intercept = fit_bias_line(predicted, truth)
+    assert slope == pytest.approx(0.9, abs=0.01) and intercept == pytest.approx(3.0, abs=0.3)
+    assert fit_bias_line(0.2 * truth + 30, truth) == IDENTITY  # ages that barely follow the truth
+    assert fit_bias_line(predicted[:1], truth[:1]) == IDENTITY
+    assert fit_bias_line(predicted[:5], np.full(5, 30.0)) == IDENTITY  # one age: no line
 
 
 def test_the_mean_variance_penalty_is_the_mean_error_and_spread_of_the_distribution():
@@ -306,6 +320,8 @@ def test_training_learns_and_writes_its_outputs(toy, tmp_path, loss):
     state = torch.load(out / "model.pt", weights_only=True)
     assert state["meta"]["backbone"] == "resnet18" and len(state["meta"]["ages"]) == 60
     assert state["meta"]["temperature"] == metrics["temperature"] > 0  # fitted on the val split
+    assert state["meta"]["bias_line"] == [metrics["bias_slope"], metrics["bias_intercept"]]
+    assert metrics["bias_slope"] >= 0.5 and "test_mae_bias_corrected" in metrics
     assert state["model"].keys() == create_model("resnet18", 60).state_dict().keys()  # compiled too
 
 
@@ -320,6 +336,9 @@ def test_evaluate_scores_a_model_file(toy, tmp_path, capsys):
     assert scored["n"] == metrics["n_test"] and abs(scored["mae"] - metrics["test_mae"]) < 1e-4
     assert scored["temperature"] == metrics["temperature"]
     assert scored["coverage"] == pytest.approx(metrics["test_coverage"])
+    assert scored["bias_line"] == [metrics["bias_slope"], metrics["bias_intercept"]]
+    assert scored["mae_bias_corrected"] == pytest.approx(metrics["test_mae_bias_corrected"],
+                                                         abs=1e-4)
 
 
 # A tiny run whose best epoch is the first and no later one beats it: lr 0.03 overshoots (on the
@@ -716,7 +735,8 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
     assert max(stored) < min(1 << 20, checkpoint.stat().st_size)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     # ... and predicts what the stage's model.pt predicts through the training code
-    from agecascade.nets.checkpoint import load_checkpoint
+    from agecascade.nets.checkpoint import bias_line_of, load_checkpoint
+    from agecascade.train.calibration import corrected_ages
     from agecascade.train.data import make_loader
     from agecascade.train.engine import predict
 
@@ -727,7 +747,9 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
         loader = make_loader(view, np.zeros(6, dtype=np.int64), np.arange(6), 6, False, 0, 0, False)
         logits, _, _ = predict(network, loader, Compute(torch.device("cpu")), SIZE, ages)
         probs.append(logits.softmax(dim=1))
-    expected = (probs[0] + probs[1]) / 2 @ ages
+    # read as predict reads them: at the classes' ages through the run's bias line
+    read = torch.from_numpy(corrected_ages(np.asarray(meta["ages"]), bias_line_of(meta))).float()
+    expected = (probs[0] + probs[1]) / 2 @ read
     np.testing.assert_allclose(model.unwrap_python_model().predict_crops(images), expected.numpy(),
                                atol=1e-4)
     from agecascade.registry import aliases, promote

@@ -1,5 +1,6 @@
 """`agecascade evaluate`: the DEX mean absolute error of a model file on any prepared manifest,
-and how often its calibrated 90 % interval (the one `predict` reports) holds the true age."""
+of the network's own ages and of the bias-corrected ages `predict` gives, and how often its
+calibrated 90 % interval (the one `predict` reports) holds the true age."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +8,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
-from agecascade.nets.checkpoint import input_spec, load_checkpoint, temperature_of
-from agecascade.train.calibration import coverage
+from agecascade.nets.checkpoint import (bias_line_of, input_spec, load_checkpoint,
+                                        temperature_of)
+from agecascade.nets.dex import dex_age
+from agecascade.train.calibration import corrected_ages, coverage
 from agecascade.train.compute import PRECISIONS, choose_compute
 from agecascade.train.data import LabelSpace, assign_split, make_loader
 from agecascade.train.engine import pick_device, predict
@@ -47,10 +51,13 @@ def main(args: argparse.Namespace) -> int:
     logits, labels, predicted = predict(model, loader, compute, meta["input_size"],
                                         space.tensor(device), input_spec(meta))
     errors = np.abs(predicted.numpy() - ages[rows])
-    temperature = temperature_of(meta)
+    temperature, line = temperature_of(meta), bias_line_of(meta)
+    read = corrected_ages(np.asarray(space.values), line)
+    corrected = dex_age(logits, torch.from_numpy(read)).numpy()
     result = {"n": int(len(rows)), "mae": float(errors.mean()),
-              "median_ae": float(np.median(errors)), "split": args.split,
-              "temperature": temperature,
-              "coverage": coverage(logits, labels, np.asarray(space.values), temperature)}
+              "median_ae": float(np.median(errors)),
+              "mae_bias_corrected": float(np.abs(corrected - ages[rows]).mean()),
+              "split": args.split, "temperature": temperature, "bias_line": list(line),
+              "coverage": coverage(logits, ages[rows], read, temperature)}
     print(json.dumps(result, indent=2))
     return 0

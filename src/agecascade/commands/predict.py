@@ -25,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      f"{100 * (1 + INTERVAL) / 2:g}th percentiles of the predicted age "
                      "distribution, calibrated by the temperature fitted on the validation split "
                      "in training; age_std and p_under_18: its spread and its mass below 18. "
-                     "age: the expected value of the network's own distribution.")
+                     "age: the expected value of the network's own distribution. All of them "
+                     "read the classes at their bias-corrected ages (the line the validation "
+                     "split's predicted ages made against the true ones, also fitted in "
+                     "training); probs: the network's class probabilities, over the "
+                     "checkpoint's own class ages.")
 
 
 def main(args: argparse.Namespace) -> int:

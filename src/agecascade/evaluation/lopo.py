@@ -51,7 +51,8 @@ from agecascade.nets import PRETRAINED, AgeNet, create_model, freeze_features
 from agecascade.nets.split import split_trunk
 from agecascade.nets.weights import InputSpec
 from agecascade.train import distributed
-from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
+from agecascade.train.cascade import (MODES, inherited_labels, inherited_meta, model_from_init,
+                                      read_init)
 from agecascade.train.data import (IMAGENET, Augment, LabelSpace, augment_batch, label_space_for,
                                    normalise, to_unit)
 from agecascade.train.compute import Compute, choose_compute, precision_option
@@ -463,7 +464,7 @@ def _run(config: LopoConfig, on_fold: Callable[[str, pd.DataFrame], None] | None
         space = inherited_labels(init, space)
         model, spec, fresh = model_from_init(init, space.values)
         print(f"{config.model}: {model.arch}, re-initialised: {', '.join(fresh) or 'nothing'}")
-        meta = dict(init["meta"])
+        meta = inherited_meta(init)
     else:
         model = create_model(config.backbone, space.size, config.pretrained,
                              Path(config.weights) if config.weights else None)

@@ -3,7 +3,8 @@
 The graph takes what the crop store holds, uint8 RGB crops ``crops`` (B, S, S, 3) at the
 checkpoint's input size, and normalises them itself with the training code's own ``to_input``, so
 no caller can feed it the wrong pixel convention (BGR, 0..255, Caffe means). It returns the DEX
-``age`` (B,) and the class ``probs`` (B, K). What a runtime needs besides (the class ages, the
+``age`` (B,), read through the checkpoint's age-bias line as ``predict`` reads it, and the class
+``probs`` (B, K). What a runtime needs besides (the class ages, the
 input size, the crop recipe) travels in the file's ``metadata_props``.
 
 torch is imported only by the exporting functions: running an exported model needs numpy and
@@ -87,7 +88,8 @@ def _graph_module(model: Any, meta: dict) -> Any:
     """The checkpoint's network with the pixel normalisation before it and DEX after it."""
     import torch
 
-    from agecascade.nets.checkpoint import input_spec
+    from agecascade.nets.checkpoint import bias_line_of, input_spec
+    from agecascade.train.calibration import corrected_ages
     from agecascade.train.data import to_input
 
     class AgeGraph(torch.nn.Module):
@@ -98,7 +100,9 @@ def _graph_module(model: Any, meta: dict) -> Any:
             self.model = model
             self.size = int(meta["input_size"])
             self.spec = input_spec(meta)
-            self.register_buffer("ages", torch.tensor(meta["ages"], dtype=torch.float32))
+            # the age output is read as `predict` reads it: through the age-bias line
+            read = corrected_ages(np.asarray(meta["ages"]), bias_line_of(meta))
+            self.register_buffer("ages", torch.tensor(read, dtype=torch.float32))
 
         def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # H = W = size, so to_input does not resize: what is left is its exact arithmetic.
@@ -110,7 +114,7 @@ def _graph_module(model: Any, meta: dict) -> Any:
 
 
 def _metadata(meta: dict, recipe: CropRecipe) -> dict[str, str]:
-    from agecascade.nets.checkpoint import temperature_of
+    from agecascade.nets.checkpoint import bias_line_of, temperature_of
 
     return {
         f"{KEY}format": FORMAT,
@@ -120,6 +124,7 @@ def _metadata(meta: dict, recipe: CropRecipe) -> dict[str, str]:
         f"{KEY}arch": str(meta["arch"]),
         f"{KEY}backbone": str(meta.get("backbone", meta["arch"])),
         f"{KEY}temperature": repr(temperature_of(meta)),
+        f"{KEY}bias_line": json.dumps(list(bias_line_of(meta))),
     }
 
 
@@ -246,6 +251,8 @@ class OnnxEngine:
         self.arch = props[f"{KEY}arch"]
         self.backbone = props[f"{KEY}backbone"]
         self.temperature = float(props.get(f"{KEY}temperature", 1.0))  # absent before calibration
+        slope, intercept = json.loads(props.get(f"{KEY}bias_line", "[1.0, 0.0]"))
+        self.bias_line = (float(slope), float(intercept))
 
     def probs(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (B, size, size, 3) -> float32 (B, K) class probabilities."""

@@ -2,7 +2,8 @@
 
 An *engine* runs the network (PyTorch here, onnxruntime in ``inference.onnx``); the
 :class:`Predictor` turns its class probabilities into what a user reads: the DEX expected age,
-the spread of the predicted distribution, a central interval and the mass below 18. The CLI, the
+the spread of the predicted distribution, a central interval and the mass below 18, all read
+with the checkpoint's calibration (its temperature and age-bias line, ``train/calibration.py``). The CLI, the
 MLflow pyfunc and the ONNX path all go through it, so their ages agree.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 
 from agecascade.data.recipe import CropRecipe
 from agecascade.errors import MissingInput
-from agecascade.nets.checkpoint import input_spec, load_checkpoint, temperature_of
-from agecascade.train.calibration import central_interval, temper
+from agecascade.nets.checkpoint import bias_line_of, input_spec, load_checkpoint, temperature_of
+from agecascade.train.calibration import central_interval, corrected_ages, temper
 from agecascade.train.data import to_input, to_unit
 from agecascade.train.engine import pick_device
 
@@ -32,6 +33,7 @@ class Engine(Protocol):
     recipe: CropRecipe     # how the training crops were cut
     resizes: bool          # takes crops of any size and resizes them as training does
     temperature: float     # fitted on the validation split (calibration.py); 1 for older models
+    bias_line: tuple[float, float]  # (slope, intercept), the same; (1, 0) for older models
 
     def probs(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (B, size, size, 3) (any size if ``resizes``) -> float32 (B, K) probabilities."""
@@ -62,6 +64,7 @@ class TorchEngine:
         self.ages = np.asarray(meta["ages"], dtype=np.float32)
         self.recipe = recipe_of(meta, str(checkpoint))
         self.temperature = temperature_of(meta)
+        self.bias_line = bias_line_of(meta)
         self.meta = meta
 
     @torch.no_grad()
@@ -115,6 +118,7 @@ class Predictor:
 
     def __init__(self, engine: Engine, batch: int = 64, flip: bool = True):
         self.engine, self.batch, self.flip = engine, batch, flip
+        self.ages = corrected_ages(engine.ages, engine.bias_line)  # the classes' ages as read
 
     @property
     def recipe(self) -> CropRecipe:
@@ -134,6 +138,7 @@ class Predictor:
         return out
 
     def estimate(self, crops: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """(summaries of :func:`summarise`, probabilities) of uint8 crops (N, S, S, 3)."""
+        """(summaries of :func:`summarise` over the bias-corrected class ages, probabilities
+        over the network's classes) of uint8 crops (N, S, S, 3)."""
         probs = self.probs(crops)
-        return summarise(probs, self.engine.ages, self.engine.temperature), probs
+        return summarise(probs, self.ages, self.engine.temperature), probs

@@ -53,6 +53,16 @@ def read_init(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# meta that finetune.finish fits on a run's own validation split (calibration.py): a model
+# trained further from that run has other weights, so it does not inherit them
+CALIBRATION = ("temperature", "bias_line")
+
+
+def inherited_meta(init: dict) -> dict:
+    """A copy of the previous stage's meta, less its calibration."""
+    return {k: v for k, v in init["meta"].items() if k not in CALIBRATION}
+
+
 def model_from_init(init: dict, labels: tuple[float, ...]) -> tuple[AgeNet, InputSpec, list[str]]:
     """(network with the previous stage's weights, its pixel convention, re-initialised keys)
     for a target whose output classes stand for ``labels``."""

@@ -25,13 +25,15 @@ from agecascade.data.store import crop_recipe, load_prepared
 from agecascade.errors import MissingInput, UserError
 from agecascade.nets import BACKBONES, PRETRAINED, AgeNet, create_model, freeze_features
 from agecascade.nets.checkpoint import input_spec
+from agecascade.nets.dex import dex_age
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
 from agecascade.train.data import (IMAGENET, LabelSpace, assign_split, balance_weights,
                                    label_space_for, make_loader)
 from agecascade.train.degrade import Degrade
 from agecascade.train import distributed
 from agecascade.train.compute import Compute, choose_compute, precision_option
-from agecascade.train.calibration import coverage, fit_temperature
+from agecascade.train.calibration import (
+    IDENTITY, MIN_SLOPE, corrected_ages, coverage, fit_bias_line, fit_temperature)
 from agecascade.train.engine import TrainConfig, adam, fit, pick_device, predict, scores
 
 # The settings tune.py's best.json chooses (`agecascade train --hparams`).
@@ -244,8 +246,10 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
 def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np.ndarray,
            labels: np.ndarray, rows: dict[str, np.ndarray], ages: torch.Tensor,
            compute: Compute, space: LabelSpace) -> dict:
-    """Score the kept (lowest val MAE) weights; fit the interval's temperature on the
-    validation split and store it in model.pt; write metrics.json and history.csv."""
+    """Score the kept (lowest val MAE) weights; fit the interval's temperature and the
+    age-bias line on the validation split (calibration.py) and store them in model.pt; write
+    metrics.json and history.csv. test_mae is the network's own DEX age (what the thesis
+    reports); test_mae_bias_corrected and the coverages are of the ages `predict` gives."""
     best = torch.load(config.out / "model.pt", map_location=compute.device, weights_only=True)
     model.load_state_dict(best["model"])
     values = np.asarray(space.values)
@@ -260,17 +264,27 @@ def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np
         loader = make_loader(crops, labels, rows[part], 64, False, 0, 0, False)
         return predict(model, loader, compute, config.input_size, ages, input_spec(best["meta"]))
 
-    val_logits, val_labels, _ = scored("val")
+    val_logits, val_labels, val_predicted = scored("val")
+    truth = {"val": values[val_labels.numpy()]}
     temperature = fit_temperature(val_logits, val_labels)
-    best["meta"]["temperature"] = temperature
+    line = fit_bias_line(val_predicted.numpy(), truth["val"])
+    if line == IDENTITY:
+        print("the validation ages fit no line with a slope of at least "
+              f"{MIN_SLOPE}: predict reads this model's ages without a bias correction")
+    best["meta"] |= {"temperature": temperature, "bias_line": list(line)}
     torch_save_atomic(best, config.out / "model.pt")
-    summary |= {"temperature": temperature,
-                "val_coverage": coverage(val_logits, val_labels, values, temperature)}
+    read = corrected_ages(values, line)
+    summary |= {"temperature": temperature, "bias_slope": line[0], "bias_intercept": line[1],
+                "val_coverage": coverage(val_logits, truth["val"], read, temperature)}
     if len(rows["test"]):
         logits, test_labels, predicted = scored("test")
         test_loss, test_mae = scores(logits, test_labels, predicted, ages)
+        _, corrected_mae = scores(logits, test_labels,
+                                  dex_age(logits, torch.from_numpy(read)), ages)
         summary |= {"test_loss": test_loss, "test_mae": test_mae,
-                    "test_coverage": coverage(logits, test_labels, values, temperature),
+                    "test_mae_bias_corrected": corrected_mae,
+                    "test_coverage": coverage(logits, values[test_labels.numpy()], read,
+                                              temperature),
                     "n_test": int(len(rows["test"]))}
     write_text_atomic(config.out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     to_csv_atomic(pd.DataFrame(history), config.out / "history.csv")
