@@ -339,6 +339,14 @@ def test_evaluate_scores_a_model_file(toy, tmp_path, capsys):
     assert scored["bias_line"] == [metrics["bias_slope"], metrics["bias_intercept"]]
     assert scored["mae_bias_corrected"] == pytest.approx(metrics["test_mae_bias_corrected"],
                                                          abs=1e-4)
+    # benchmarks/bias_line.py refits the line through predict's Predictor: the same line
+    probe = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bias_line.py"), "--model",
+                            str(out / "model.pt"), "--manifest", str(toy), "--json"],
+                           capture_output=True, text=True, check=True)
+    report = json.loads(probe.stdout)
+    assert report["stored_line"] != [1.0, 0.0]  # a line was fitted, not refused
+    np.testing.assert_allclose(report["line"], report["stored_line"], rtol=1e-3)
+    assert report["test"]["n"] == metrics["n_test"]
 
 
 # A tiny run whose best epoch is the first and no later one beats it: lr 0.03 overshoots (on the
