@@ -3,8 +3,8 @@
 An *engine* runs the network (PyTorch here, onnxruntime in ``inference.onnx``); the
 :class:`Predictor` turns its class probabilities into what a user reads: the DEX expected age,
 the spread of the predicted distribution, a central interval and the mass below 18, all read
-with the checkpoint's calibration (its temperature and age-bias line, ``train/calibration.py``). The CLI, the
-MLflow pyfunc and the ONNX path all go through it, so their ages agree.
+with the checkpoint's calibration (its temperature and age-bias line, ``train/calibration.py``).
+The CLI, the MLflow pyfunc and the ONNX path all go through it, so their ages agree.
 """
 from __future__ import annotations
 

@@ -265,9 +265,9 @@ def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np
         return predict(model, loader, compute, config.input_size, ages, input_spec(best["meta"]))
 
     val_logits, val_labels, val_predicted = scored("val")
-    truth = {"val": values[val_labels.numpy()]}
+    val_truth = values[val_labels.numpy()]
     temperature = fit_temperature(val_logits, val_labels)
-    line = fit_bias_line(val_predicted.numpy(), truth["val"])
+    line = fit_bias_line(val_predicted.numpy(), val_truth)
     if line == IDENTITY:
         print("the validation ages fit no line with a slope of at least "
               f"{MIN_SLOPE}: predict reads this model's ages without a bias correction")
@@ -275,16 +275,15 @@ def finish(config: FinetuneConfig, model: AgeNet, history: list[dict], crops: np
     torch_save_atomic(best, config.out / "model.pt")
     read = corrected_ages(values, line)
     summary |= {"temperature": temperature, "bias_slope": line[0], "bias_intercept": line[1],
-                "val_coverage": coverage(val_logits, truth["val"], read, temperature)}
+                "val_coverage": coverage(val_logits, val_truth, read, temperature)}
     if len(rows["test"]):
         logits, test_labels, predicted = scored("test")
         test_loss, test_mae = scores(logits, test_labels, predicted, ages)
-        _, corrected_mae = scores(logits, test_labels,
-                                  dex_age(logits, torch.from_numpy(read)), ages)
+        test_truth = values[test_labels.numpy()]
+        corrected = dex_age(logits, torch.from_numpy(read)).numpy()
         summary |= {"test_loss": test_loss, "test_mae": test_mae,
-                    "test_mae_bias_corrected": corrected_mae,
-                    "test_coverage": coverage(logits, values[test_labels.numpy()], read,
-                                              temperature),
+                    "test_mae_bias_corrected": float(np.abs(corrected - test_truth).mean()),
+                    "test_coverage": coverage(logits, test_truth, read, temperature),
                     "n_test": int(len(rows["test"]))}
     write_text_atomic(config.out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     to_csv_atomic(pd.DataFrame(history), config.out / "history.csv")
