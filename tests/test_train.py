@@ -28,6 +28,7 @@ from agecascade.train import finetune
 from agecascade.train.compute import Compute
 from agecascade.train.calibration import coverage, fit_temperature, nll
 from agecascade.train.data import LabelSpace, assign_split
+from agecascade.train.degrade import Degrade, degrade_batch
 from agecascade.train.finetune import FinetuneConfig, resume_key
 from agecascade.train.tune import TuneConfig
 
@@ -130,8 +131,10 @@ def test_dvc_yaml_train_commands_parse_into_the_params(dvc_commands, params, ste
             (wanted["epochs"], wanted["patience"], wanted["val_fraction"])
         assert (config.input_size, config.seed, config.workers, config.device) == \
             (shared["input_size"], shared["seed"], shared["workers"], shared["device"])
-        assert (config.degrade, config.label_sigma, config.mean_variance, config.precision) == \
-            (shared["degrade"], shared["label_sigma"], shared["mean_variance"], shared["precision"])
+        assert (config.degrade, config.blur_sigma, config.label_sigma) == \
+            (shared["degrade"], shared["blur_sigma"], shared["label_sigma"])
+        assert (config.mean_variance, config.precision) == \
+            (shared["mean_variance"], shared["precision"])
         if step == "finetune_imdb":
             assert (config.pretrained, config.weights) == (item["pretrained"], item["weights"])
             assert config.init is None and config.mode == "b"
@@ -171,6 +174,7 @@ def test_dvc_yaml_tune_command_parses_into_the_params(dvc_commands, params):
     ({"batch": 0}, "--batch and --input-size must be >= 1"),
     ({"max_images": -1}, "--max-images"),
     ({"degrade": 1.5}, "--degrade 1.5"),
+    ({"blur_sigma": 0.2}, "--blur-sigma 0.2"),
     ({"ema": 1.0}, "--ema 1: a decay per step"),
     ({"mean_variance": -0.1}, "--mean-variance -0.1: a weight"),
     ({"val_fraction": 0.0}, "--val-fraction 0"),
@@ -257,6 +261,19 @@ def test_the_bias_line_is_fitted_on_predicted_against_true_ages_and_refused_when
     assert fit_bias_line(0.2 * truth + 30, truth) == IDENTITY  # ages that barely follow the truth
     assert fit_bias_line(predicted[:1], truth[:1]) == IDENTITY
     assert fit_bias_line(predicted[:5], np.full(5, 30.0)) == IDENTITY  # one age: no line
+
+
+def test_the_degrade_blur_draws_sigmas_up_to_the_configured_strongest():
+    """FG-NET's softest scans need blur beyond the old 1.5 px (docs/zero-shot.md, item 21): an
+    impulse blurred by every image of a batch spreads by sigma, up to ``blur_sigma``."""
+    impulse = torch.zeros(400, 3, 112, 112)
+    impulse[:, :, 56, 56] = 1.0
+    blurred = degrade_batch(impulse, Degrade(blur=1.0, max_blur_sigma=3.0),
+                            torch.Generator().manual_seed(0))
+    row = blurred[:, 0, 56, :].double()                       # (B, 112) through the centre
+    offsets = torch.arange(112, dtype=torch.float64) - 56
+    sigma = ((row * offsets ** 2).sum(1) / row.sum(1)).sqrt()
+    assert 2.5 < sigma.max() < 3.05  # beyond the old maximum of 1.5, never beyond 3
 
 
 def test_the_mean_variance_penalty_is_the_mean_error_and_spread_of_the_distribution():

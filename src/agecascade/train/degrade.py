@@ -30,12 +30,13 @@ class Degrade:
     jpeg: float = 0.0
     noise: float = 0.0
     max_noise_sigma: float = 0.06  # grain std in units of the [0, 1] pixel range
-    max_blur_sigma: float = 1.5   # in pixels of a 112-pixel face; scaled with the input size
+    max_blur_sigma: float = 3.0   # in pixels of a 112-pixel face; scaled with the input size
     jpeg_quality: tuple[int, int] = (15, 60)
 
     @classmethod
-    def each(cls, probability: float) -> "Degrade":
-        return cls(probability / 2, probability / 2, probability, probability, probability)
+    def each(cls, probability: float, max_blur_sigma: float) -> "Degrade":
+        return cls(probability / 2, probability / 2, probability, probability, probability,
+                   max_blur_sigma=max_blur_sigma)
 
     @property
     def active(self) -> bool:

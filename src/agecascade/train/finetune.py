@@ -65,6 +65,9 @@ class FinetuneConfig:
     degrade: float = option(0.0, help="probability of each old-photo effect (greyscale or sepia, "
                                       "blur, grain, JPEG) per training image; 0 = the thesis's "
                                       "geometric augmentation only")
+    blur_sigma: float = option(3.0, help="the strongest blur --degrade draws: a Gaussian sigma "
+                                         "in pixels of a 112-pixel face, scaled with the input "
+                                         "size (docs/zero-shot.md, item 21)")
     label_sigma: float = option(0.0, help="train on a Gaussian of this many years around each "
                                           "age instead of one class (0 = the thesis's one-hot "
                                           "cross-entropy)")
@@ -116,6 +119,9 @@ class FinetuneConfig:
             raise UserError(f"--balance {self.balance:g}: between 0 and 1")
         if not 0 <= self.degrade <= 1:
             raise UserError(f"--degrade {self.degrade:g}: a probability, between 0 and 1")
+        if self.blur_sigma < 0.3:
+            raise UserError(f"--blur-sigma {self.blur_sigma:g}: pixels, >= 0.3 (the weakest "
+                            "blur drawn)")
         if not (0 < self.val_fraction and 0 <= self.test_fraction
                 and self.val_fraction + self.test_fraction < 1):
             raise UserError(f"--val-fraction {self.val_fraction:g} and --test-fraction "
@@ -218,7 +224,8 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
     loop = TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch,
                        patience=config.patience, input_size=config.input_size, seed=config.seed,
                        max_train_batches=config.max_train_batches, input_spec=spec,
-                       degrade=Degrade.each(config.degrade), label_sigma=config.label_sigma,
+                       degrade=Degrade.each(config.degrade, config.blur_sigma),
+                       label_sigma=config.label_sigma,
                        ema=config.ema, mean_variance=config.mean_variance,
                        compile=config.compile)
     optimizer = adam([p for p in model.parameters() if p.requires_grad], lr)
