@@ -58,7 +58,20 @@ def effects(seed: int) -> dict[str, Effect]:
         "zoom in to 90 %": _zoom(0.9),
         "zoom in to 80 %": _zoom(0.8),
         "zoom out to 111 %": _zoom(1 / 0.9),
+        "contrast x 0.5": lambda x: _contrast(x, 0.5),
+        "contrast x 1.5": lambda x: _contrast(x, 1.5),
+        "exposure x 1.6": lambda x: x * 1.6,
+        "exposure x 0.5": lambda x: x * 0.5,
+        "gamma 0.6": lambda x: x ** 0.6,
+        "gamma 1.6": lambda x: x ** 1.6,
+        "warm cast": lambda x: x * x.new_tensor([1.15, 1.0, 0.8]).view(1, 3, 1, 1),
     }
+
+
+def _contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Each image's pixels moved toward (< 1) or away from (> 1) its own mean grey level."""
+    grey = recolour(x, (LUMA,) * 3).mean((1, 2, 3), keepdim=True)
+    return grey + factor * (x - grey)
 
 
 def probe(predictor: Predictor, crops: np.ndarray, ages: np.ndarray, seed: int) -> dict:

@@ -139,3 +139,30 @@ def test_chip_alignment_sees_a_chip_framed_smaller(tmp_path):
     assert len(ages) + missed == 16 and len(ages) >= 12
     ratio = np.median(scale[ages == 150]) / np.median(scale[ages != 150])
     assert ratio == pytest.approx(1 / 0.9, abs=0.04)
+
+
+def test_adience_faces_scores_groups_by_the_nearest_range_and_counts_misses(tmp_path, capsys):
+    """Ages between two Adience groups go to the closer one; a face without a row is wrong."""
+    _load("zero_shot")
+    adience = _load("adience_faces")
+    assert [adience.nearest_group(a) for a in (1, 3.4, 13, 22.6, 70)] == [0, 1, 2, 4, 7]
+    root = tmp_path / "adience"
+    (root / "faces" / "u").mkdir(parents=True)
+    labels = {"a.jpg": "(0, 2)", "b.jpg": "(25, 32)", "c.jpg": "(25, 32)", "d.jpg": "(60, 100)"}
+    lines = ["user_id\toriginal_image\tface_id\tage\tgender"]
+    for name, age in labels.items():
+        (root / "faces" / "u" / f"coarse_tilt_aligned_face.1.{name}").write_bytes(b"")
+        lines.append(f"u\t{name}\t1\t{age}\tf")
+    (root / "fold_0_data.txt").write_text("\n".join(lines) + "\n")
+    rows = tmp_path / "rows.jsonl"
+    predicted = {"a.jpg": 4.0, "b.jpg": 36.0, "c.jpg": 44.0}            # d.jpg: no face
+    rows.write_text("".join(json.dumps({"file": f"x/coarse_tilt_aligned_face.1.{n}", "face": 0,
+                                        "box": [0, 0, 10, 10], "age": a}) + "\n"
+                            for n, a in predicted.items()))
+    groups = {"(0, 2)": 0, "(25, 32)": 4, "(60, 100)": 7}
+    truth = {f"coarse_tilt_aligned_face.1.{n}": groups[g] for n, g in labels.items()}
+    s = adience.score(truth, adience.read_rows(rows))
+    # a: 4 -> 4-6 (1-off); b: 36 -> 38-43 (1-off); c: 44 -> 38-43 (1-off); d: missed
+    assert (s["found"], s["exact"], s["one_off"]) == (3, 0.0, 0.75)
+    assert adience.main([str(root), "--rows", str(rows)]) == 0
+    assert "majority class 25-32: exact 50.0%" in capsys.readouterr().out

@@ -276,6 +276,17 @@ def test_the_degrade_blur_draws_sigmas_up_to_the_configured_strongest():
     assert 2.5 < sigma.max() < 3.05  # beyond the old maximum of 1.5, never beyond 3
 
 
+def test_the_stage_s_blur_sigma_and_degrade_reach_the_training_loop():
+    """``--blur-sigma`` is only a number until ``loop_config`` hands it to the loop's Degrade;
+    its default is Degrade's own strongest blur, written once."""
+    config = FinetuneConfig(**REQUIRED, degrade=0.4, blur_sigma=2.0)
+    degrade = finetune.loop_config(config, 1e-3, finetune.IMAGENET).degrade
+    assert degrade.max_blur_sigma == 2.0 and degrade.blur == 0.4 and degrade.greyscale == 0.2
+    default = FinetuneConfig(**REQUIRED, degrade=0.4)
+    assert finetune.loop_config(default, 1e-3, finetune.IMAGENET).degrade.max_blur_sigma == \
+        Degrade().max_blur_sigma
+
+
 def test_the_mean_variance_penalty_is_the_mean_error_and_spread_of_the_distribution():
     from agecascade.train.engine import mean_variance_penalty
 

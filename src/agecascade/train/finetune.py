@@ -23,7 +23,7 @@ from agecascade.cache import run_key
 from agecascade.config import device_option, option
 from agecascade.data.store import crop_recipe, load_prepared
 from agecascade.errors import MissingInput, UserError
-from agecascade.nets import BACKBONES, PRETRAINED, AgeNet, create_model, freeze_features
+from agecascade.nets import BACKBONES, PRETRAINED, AgeNet, InputSpec, create_model, freeze_features
 from agecascade.nets.checkpoint import input_spec
 from agecascade.nets.dex import dex_age
 from agecascade.train.cascade import MODES, inherited_labels, model_from_init, read_init
@@ -65,9 +65,10 @@ class FinetuneConfig:
     degrade: float = option(0.0, help="probability of each old-photo effect (greyscale or sepia, "
                                       "blur, grain, JPEG) per training image; 0 = the thesis's "
                                       "geometric augmentation only")
-    blur_sigma: float = option(3.0, help="the strongest blur --degrade draws: a Gaussian sigma "
-                                         "in pixels of a 112-pixel face, scaled with the input "
-                                         "size (docs/zero-shot.md, item 21)")
+    blur_sigma: float = option(Degrade.max_blur_sigma,
+                               help="the strongest blur --degrade draws: a Gaussian sigma in "
+                                    "pixels of a 112-pixel face, scaled with the input size "
+                                    "(docs/zero-shot.md, item 21)")
     label_sigma: float = option(0.0, help="train on a Gaussian of this many years around each "
                                           "age instead of one class (0 = the thesis's one-hot "
                                           "cross-entropy)")
@@ -179,6 +180,17 @@ def starting_point(config: FinetuneConfig, alone: bool = False) -> Start:
     return Start(init, device, resume_key(config, init, device, world.size), world)
 
 
+def loop_config(config: FinetuneConfig, lr: float, spec: InputSpec) -> TrainConfig:
+    """The training loop's settings from the stage's: every recipe choice reaches the loop here."""
+    return TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch,
+                       patience=config.patience, input_size=config.input_size, seed=config.seed,
+                       max_train_batches=config.max_train_batches, input_spec=spec,
+                       degrade=Degrade.each(config.degrade, config.blur_sigma),
+                       label_sigma=config.label_sigma,
+                       ema=config.ema, mean_variance=config.mean_variance,
+                       compile=config.compile)
+
+
 def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = None,
         start: Start | None = None) -> tuple[dict, AgeNet]:
     """Train as ``config`` says; return the summary (metrics.json) and the model holding the
@@ -221,13 +233,7 @@ def run(config: FinetuneConfig, on_epoch: Callable[[int, dict], None] | None = N
     if world.main:
         print(f"computing on {compute.describe()}")
     model = model.to(device, memory_format=compute.memory_format)
-    loop = TrainConfig(epochs=config.epochs, lr=lr, batch_size=config.batch,
-                       patience=config.patience, input_size=config.input_size, seed=config.seed,
-                       max_train_batches=config.max_train_batches, input_spec=spec,
-                       degrade=Degrade.each(config.degrade, config.blur_sigma),
-                       label_sigma=config.label_sigma,
-                       ema=config.ema, mean_variance=config.mean_variance,
-                       compile=config.compile)
+    loop = loop_config(config, lr, spec)
     optimizer = adam([p for p in model.parameters() if p.requires_grad], lr)
     pin = device.type == "cuda"
     weights = balance_weights(labels[rows["train"]], config.balance) if config.balance else None
