@@ -1,4 +1,4 @@
-"""Old-photo and camera augmentation: greyscale, sepia, blur, grain, JPEG artefacts and lighting.
+"""Old-photo augmentation: greyscale, sepia, blur, grain and JPEG artefacts.
 
 Why: FG-NET's young subjects are mostly greyscale or sepia scans of old prints, while the source
 datasets (UTKFace, IMDB) are colour web photos. A network that never saw a grey face reads
@@ -6,10 +6,8 @@ greyscale as "old" (measured: greyscale alone adds about 3 years of error on UTK
 the source stage such looks removes that shortcut. Grain matters most: a MobileNetV2 trained on
 UTKFace chips without it reads pixel noise as wrinkles (noise of 0.05 added to its test crops
 moves their predicted age by +39 years), and FG-NET's scans carry film grain and scanner
-texture (see docs/zero-shot.md). Lighting (gamma, contrast, exposure) stands for flash,
-faded prints and under- or over-exposed snapshots: web chips are mostly well exposed, and
-the UTKFace model without it moved by up to 2.6 years on exposed or low-contrast test chips
-(docs/zero-shot.md, item 25). Off by default: the thesis augments geometrically only.
+texture (see docs/zero-shot.md). Off by default: the thesis augments
+geometrically only.
 """
 from __future__ import annotations
 
@@ -32,21 +30,17 @@ class Degrade:
     jpeg: float = 0.0
     noise: float = 0.0
     max_noise_sigma: float = 0.06  # grain std in units of the [0, 1] pixel range
-    lighting: float = 0.0
     max_blur_sigma: float = 3.0   # in pixels of a 112-pixel face; scaled with the input size
     jpeg_quality: tuple[int, int] = (15, 60)
-    max_gamma_stops: float = 0.6     # gamma drawn from 2^[-0.6, 0.6]
-    contrast: tuple[float, float] = (0.6, 1.4)  # about each image's own mean grey level
-    max_exposure_stops: float = 0.7  # pixel values times 2^[-0.7, 0.7]
 
     @classmethod
     def each(cls, probability: float, max_blur_sigma: float) -> "Degrade":
         return cls(probability / 2, probability / 2, probability, probability, probability,
-                   lighting=probability, max_blur_sigma=max_blur_sigma)
+                   max_blur_sigma=max_blur_sigma)
 
     @property
     def active(self) -> bool:
-        return max(self.greyscale, self.sepia, self.blur, self.jpeg, self.noise, self.lighting) > 0
+        return max(self.greyscale, self.sepia, self.blur, self.jpeg, self.noise) > 0
 
 
 def recolour(x: torch.Tensor, matrix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
@@ -83,31 +77,12 @@ def jpeg_roundtrip(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
     return torch.stack(out).to(device=x.device, dtype=x.dtype).div_(255)
 
 
-def relight(x: torch.Tensor, draws: torch.Tensor, degrade: Degrade) -> torch.Tensor:
-    """x (N,3,S,S) in [0, 1], draws (N, 3) uniform: gamma, then contrast about each image's
-    mean grey, then exposure; one setting per image."""
-    n = len(x)
-    gamma = 2.0 ** ((draws[:, 0] * 2 - 1) * degrade.max_gamma_stops)
-    low, high = degrade.contrast
-    contrast = low + (high - low) * draws[:, 1]
-    exposure = 2.0 ** ((draws[:, 2] * 2 - 1) * degrade.max_exposure_stops)
-    y = x.clamp(0, 1) ** gamma.view(n, 1, 1, 1).to(x)
-    grey = recolour(y, (LUMA,) * 3).mean((1, 2, 3), keepdim=True)
-    return ((grey + contrast.view(n, 1, 1, 1).to(x) * (y - grey))
-            * exposure.view(n, 1, 1, 1).to(x)).clamp(0, 1)
-
-
 def degrade_batch(x: torch.Tensor, degrade: Degrade, gen: torch.Generator) -> torch.Tensor:
     """x: RGB in [0, 1], (B,3,S,S) -> the same with random old-photo effects. Random numbers
     come from ``gen`` on the CPU so a run is reproducible whatever the device."""
     b = x.shape[0]
     u = torch.rand(b, 7, generator=gen)
     x = x.clone()
-    if degrade.lighting > 0:  # drawn apart, so a recipe without lighting keeps its random stream
-        v = torch.rand(b, 4, generator=gen)
-        light = v[:, 0] < degrade.lighting
-        if light.any():
-            x[light] = relight(x[light], v[light, 1:], degrade)
     grey = u[:, 0] < degrade.greyscale
     sepia = ~grey & (u[:, 0] < degrade.greyscale + degrade.sepia)
     if grey.any():

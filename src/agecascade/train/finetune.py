@@ -62,10 +62,9 @@ class FinetuneConfig:
     max_train_batches: int = option(0, help="cap batches per epoch (0 = whole epoch)")
     patience: int = option(5, help="halve the LR after this many epochs without a lower "
                                    "validation loss")
-    degrade: float = option(0.0, help="probability of each old-photo and camera effect "
-                                      "(greyscale or sepia, blur, grain, JPEG, lighting) per "
-                                      "training image; 0 = the thesis's geometric "
-                                      "augmentation only")
+    degrade: float = option(0.0, help="probability of each old-photo effect (greyscale or sepia, "
+                                      "blur, grain, JPEG) per training image; 0 = the thesis's "
+                                      "geometric augmentation only")
     blur_sigma: float = option(Degrade.max_blur_sigma,
                                help="the strongest blur --degrade draws: a Gaussian sigma in "
                                     "pixels of a 112-pixel face, scaled with the input size "
