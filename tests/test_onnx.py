@@ -116,6 +116,20 @@ def test_metadata_round_trip(exported):
     assert engine.bias_line == (0.9, 8.0)  # and its ages are read through the same line
 
 
+def test_a_file_exported_before_calibration_reads_as_uncalibrated(exported, tmp_path):
+    """Files exported before training fitted a temperature and a bias line lack both keys:
+    the engine must read them as a checkpoint of that age is read, not fail on them."""
+    model = onnx.load(str(exported.out))
+    calibration = {agecascade_onnx.KEY + name for name in ("temperature", "bias_line")}
+    kept = [p for p in model.metadata_props if p.key not in calibration]
+    assert len(kept) == len(model.metadata_props) - 2
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    old = OnnxEngine(tmp_path / "old.onnx", threads=1)
+    assert old.temperature == 1.0 and old.bias_line == (1.0, 0.0)
+
+
 def test_the_graphs_age_is_the_bias_corrected_one_predict_gives(exported):
     crops = probe_crops(SIZE, n=6, seed=11)
     session = onnxruntime.InferenceSession(str(exported.out), providers=["CPUExecutionProvider"])

@@ -771,7 +771,8 @@ def test_tracked_run_lands_in_sqlite_mlflow_with_tags_curves_and_model(toy, tmp_
     assert max(stored) < min(1 << 20, checkpoint.stat().st_size)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     # ... and predicts what the stage's model.pt predicts through the training code
-    from agecascade.nets.checkpoint import bias_line_of, load_checkpoint
+    from agecascade.calibrated import bias_line_of
+    from agecascade.nets.checkpoint import load_checkpoint
     from agecascade.train.calibration import corrected_ages
     from agecascade.train.data import make_loader
     from agecascade.train.engine import predict

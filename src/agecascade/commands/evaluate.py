@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agecascade.calibrated import bias_line_of, temperature_of
 from agecascade.data.store import load_prepared
 from agecascade.errors import UserError
-from agecascade.nets.checkpoint import (bias_line_of, input_spec, load_checkpoint,
-                                        temperature_of)
+from agecascade.nets.checkpoint import input_spec, load_checkpoint
 from agecascade.nets.dex import dex_age
 from agecascade.train.calibration import corrected_ages, coverage
 from agecascade.train.compute import PRECISIONS, choose_compute

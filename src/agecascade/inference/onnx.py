@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agecascade.atomic import replacing
+from agecascade.calibrated import bias_line_of, temperature_of
 from agecascade.data.recipe import CropRecipe
 from agecascade.errors import MissingInput, UserError
 
@@ -88,7 +89,7 @@ def _graph_module(model: Any, meta: dict) -> Any:
     """The checkpoint's network with the pixel normalisation before it and DEX after it."""
     import torch
 
-    from agecascade.nets.checkpoint import bias_line_of, input_spec
+    from agecascade.nets.checkpoint import input_spec
     from agecascade.train.calibration import corrected_ages
     from agecascade.train.data import to_input
 
@@ -114,8 +115,6 @@ def _graph_module(model: Any, meta: dict) -> Any:
 
 
 def _metadata(meta: dict, recipe: CropRecipe) -> dict[str, str]:
-    from agecascade.nets.checkpoint import bias_line_of, temperature_of
-
     return {
         f"{KEY}format": FORMAT,
         f"{KEY}ages": json.dumps([float(a) for a in meta["ages"]]),
@@ -250,9 +249,11 @@ class OnnxEngine:
         self.recipe = CropRecipe(**crop)
         self.arch = props[f"{KEY}arch"]
         self.backbone = props[f"{KEY}backbone"]
-        self.temperature = float(props.get(f"{KEY}temperature", 1.0))  # absent before calibration
-        slope, intercept = json.loads(props.get(f"{KEY}bias_line", "[1.0, 0.0]"))
-        self.bias_line = (float(slope), float(intercept))
+        # A file exported before calibration has neither; the checkpoint's defaults apply.
+        calibration = {name: json.loads(props[f"{KEY}{name}"]) for name in
+                       ("temperature", "bias_line") if f"{KEY}{name}" in props}
+        self.temperature = temperature_of(calibration)
+        self.bias_line = bias_line_of(calibration)
 
     def probs(self, crops: np.ndarray) -> np.ndarray:
         """uint8 (B, size, size, 3) -> float32 (B, K) class probabilities."""

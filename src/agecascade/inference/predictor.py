@@ -16,9 +16,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from agecascade.calibrated import bias_line_of, temperature_of
 from agecascade.data.recipe import CropRecipe
 from agecascade.errors import MissingInput
-from agecascade.nets.checkpoint import bias_line_of, input_spec, load_checkpoint, temperature_of
+from agecascade.nets.checkpoint import input_spec, load_checkpoint
 from agecascade.train.calibration import central_interval, corrected_ages, temper
 from agecascade.train.data import to_input, to_unit
 from agecascade.train.engine import pick_device

@@ -29,16 +29,3 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Age
 def input_spec(meta: dict) -> InputSpec:
     """The pixel convention a checkpoint's weights expect."""
     return InputSpec(**meta["input_spec"])
-
-
-def temperature_of(meta: dict) -> float:
-    """The temperature that calibrates a checkpoint's intervals; 1 for one trained before
-    calibration existed (its distribution as it is)."""
-    return float(meta.get("temperature", 1.0))
-
-
-def bias_line_of(meta: dict) -> tuple[float, float]:
-    """The (slope, intercept) of the age-bias correction fitted in training; no correction for
-    a checkpoint trained before it existed."""
-    slope, intercept = meta.get("bias_line", (1.0, 0.0))
-    return float(slope), float(intercept)

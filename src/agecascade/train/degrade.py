@@ -30,7 +30,8 @@ class Degrade:
     jpeg: float = 0.0
     noise: float = 0.0
     max_noise_sigma: float = 0.06  # grain std in units of the [0, 1] pixel range
-    max_blur_sigma: float = 3.0   # in pixels of a 112-pixel face; scaled with the input size
+    min_blur_sigma: float = 0.3   # in pixels of a 112-pixel face; scaled with the input size
+    max_blur_sigma: float = 3.0
     jpeg_quality: tuple[int, int] = (15, 60)
 
     @classmethod
@@ -91,7 +92,8 @@ def degrade_batch(x: torch.Tensor, degrade: Degrade, gen: torch.Generator) -> to
         x[sepia] = recolour(x[sepia], SEPIA)
     blur = u[:, 1] < degrade.blur
     if blur.any():
-        sigma = (0.3 + u[blur, 2] * (degrade.max_blur_sigma - 0.3)) * x.shape[-1] / 112
+        weakest, strongest = degrade.min_blur_sigma, degrade.max_blur_sigma
+        sigma = (weakest + u[blur, 2] * (strongest - weakest)) * x.shape[-1] / 112
         x[blur] = gaussian_blur(x[blur], sigma)
     noise = u[:, 5] < degrade.noise
     if noise.any():

@@ -120,9 +120,9 @@ class FinetuneConfig:
             raise UserError(f"--balance {self.balance:g}: between 0 and 1")
         if not 0 <= self.degrade <= 1:
             raise UserError(f"--degrade {self.degrade:g}: a probability, between 0 and 1")
-        if self.blur_sigma < 0.3:
-            raise UserError(f"--blur-sigma {self.blur_sigma:g}: pixels, >= 0.3 (the weakest "
-                            "blur drawn)")
+        if self.blur_sigma < Degrade.min_blur_sigma:
+            raise UserError(f"--blur-sigma {self.blur_sigma:g}: pixels, >= "
+                            f"{Degrade.min_blur_sigma:g} (the weakest blur drawn)")
         if not (0 < self.val_fraction and 0 <= self.test_fraction
                 and self.val_fraction + self.test_fraction < 1):
             raise UserError(f"--val-fraction {self.val_fraction:g} and --test-fraction "
