@@ -89,12 +89,29 @@ def test_rows_without_an_interval_have_no_coverage(scored, tmp_path: Path):
 def test_command_prints_one_json_object_and_readable_text(scored, capsys):
     folder, rows, s = scored
     assert zero_shot.main([str(folder), "--rows", str(rows), "--peer-rows", str(rows),
-                           "--json"]) == 0
+                           "--json", "--bootstrap", "0"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"ours": s, "peer": s}
     zero_shot.main([str(folder), "--rows", str(rows)])
     text = capsys.readouterr().out
     assert "1 missed (no_face_found 1)" in text and "largest box" in text
+    assert "on 2 subjects drawn again (2000 draws" in text  # 002's one photo has no face
+
+
+def test_subjects_drawn_again_span_the_subjects_own_errors():
+    """Subject 001's photos are all 2 years too old, 002's all 6: any draw of two subjects
+    scores 2, 4 or 6 (a quarter of draws each end), so 90 % of draws lie between 2 and 6. A
+    subject's photos are drawn together: drawn photo by photo, six photos would all be one
+    subject's in 1 draw of 32, inside the 90 %."""
+    ages = {"001A05.JPG": 5, "001A08.JPG": 8, "001A11.JPG": 11,
+            "002A30.JPG": 30, "002A09.JPG": 9, "002A07.JPG": 7}
+    truth = {name: zero_shot.Truth(name[:3], age) for name, age in ages.items()}
+    errors = {name: 2.0 if name.startswith("001") else 6.0 for name in ages}
+    drawn = zero_shot.subjects_resampled(truth, errors, draws=400)
+    assert drawn == {"draws": 400, "subjects": 2, "mae_90": [2.0, 6.0],
+                     "signed_children_90": [2.0, 6.0]}
+    assert zero_shot.subjects_resampled(truth, {"002A30.JPG": -3.0}, draws=50) == {
+        "draws": 50, "subjects": 1, "mae_90": [3.0, 3.0], "signed_children_90": None}
 
 
 def test_the_appearance_probe_scores_each_effect_on_the_split(tmp_path: Path, capsys):
