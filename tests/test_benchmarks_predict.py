@@ -70,10 +70,10 @@ def test_scores_match_the_hand_computation(scored):
     assert s["baseline_mae_all"] == pytest.approx(21.25)
     assert s["coverage"] == pytest.approx(2 / 3, abs=1e-3) and s["coverage_images"] == 3
     assert s["bands"]["0-12"] == {"images": 2, "detected": 2, "mae": 2.0, "signed": 0.0,
-                                  "baseline_mae": 22.5}
+                                  "exact_share": 0.0, "baseline_mae": 22.5}
     assert s["bands"]["20-39"]["detected"] == 0 and s["bands"]["20-39"]["mae"] is None
     assert s["bands"]["40+"] == {"images": 1, "detected": 1, "mae": 6.0, "signed": 6.0,
-                                 "baseline_mae": 30.0}
+                                 "exact_share": 0.0, "baseline_mae": 30.0}
 
 
 def test_rows_without_an_interval_have_no_coverage(scored, tmp_path: Path):
@@ -84,6 +84,36 @@ def test_rows_without_an_interval_have_no_coverage(scored, tmp_path: Path):
     truth = zero_shot.read_truth(folder)
     s = zero_shot.score(truth, zero_shot.read_rows(peer), zero_shot.loso_median(truth))
     assert s["coverage"] is None and s["mae"] == pytest.approx(10 / 3, abs=1e-3)
+
+
+def test_utkface_chips_are_read_each_as_its_own_subject(tmp_path: Path):
+    """UTKFace names no person: two chips of age 30 are two subjects, and an unreadable name
+    is no photo to score."""
+    for name in ("30_0_1_20170117.jpg.chip.jpg", "30_1_2_20170118.jpg.chip.jpg",
+                 "4_0_0_20170110.jpg.chip.jpg", "30_0_1.jpg.chip.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    truth = zero_shot.read_truth(tmp_path)
+    assert sorted((t.subject[:2], t.age) for t in truth.values()) == [
+        ("30", 30.0), ("30", 30.0), ("4_", 4.0)]
+    assert len({t.subject for t in truth.values()}) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(zero_shot.UserError, match="no FG-NET .* or UTKFace"):
+        zero_shot.read_truth(tmp_path / "empty")
+
+
+def test_ages_right_to_the_year_are_counted_apart(scored):
+    """ROWS miss by +2, -2 and +6: none within half a year. Made exact, 003's photo leaves
+    +2 and -2 for the MAE of the others."""
+    _, _, s = scored
+    assert s["exact_share"] == 0.0 and s["mae_not_exact"] == pytest.approx(10 / 3, abs=1e-3)
+    truth = {"001A05.JPG": zero_shot.Truth("001", 5), "001A10.JPG": zero_shot.Truth("001", 10),
+             "003A40.JPG": zero_shot.Truth("003", 40)}
+    rows = {"001A05.JPG": [ROWS[0]], "001A10.JPG": ROWS[1:3],
+            "003A40.JPG": [{**ROWS[4], "age": 40.4}]}
+    exact = zero_shot.score(truth, rows, zero_shot.loso_median(truth))
+    assert exact["exact_share"] == pytest.approx(1 / 3, abs=1e-4)
+    assert exact["bands"]["40+"]["exact_share"] == 1.0 and exact["bands"]["0-12"]["exact_share"] == 0
+    assert exact["mae_not_exact"] == 2.0
 
 
 def test_command_prints_one_json_object_and_readable_text(scored, capsys):
