@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 from agecascade.data.adapters.fgnet import NAME as FGNET_NAME
+from agecascade.data.adapters.utkface import NAME as UTKFACE_NAME
 
-UTKFACE_NAME = re.compile(r"^(\d+)_\d+_\d+_\d+\.jpg\.chip\.jpg$", re.I)
 GROUPS = 9  # decades, the last one open: 80+
 
 

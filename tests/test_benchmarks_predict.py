@@ -213,3 +213,32 @@ def test_adience_faces_scores_groups_by_the_nearest_range_and_counts_misses(tmp_
     assert (s["found"], s["exact"], s["one_off"]) == (3, 0.0, 0.75)
     assert adience.main([str(root), "--rows", str(rows)]) == 0
     assert "majority class 25-32: exact 50.0%" in capsys.readouterr().out
+
+
+age_groups = _load("age_groups")
+
+
+def test_decade_groups_count_a_miss_wrong_and_close_at_80(tmp_path: Path):
+    """Five photos worked by hand: 3 -> 9 (group 0, right), 15 -> 27 (1 vs 2: one off),
+    85 -> 95 (both 80+: right), 45 -> no face (wrong, and not one off), and a 7-year-old whose
+    largest face says 25 (two groups off) while a small face says 7."""
+    names = {"3_0_0_20170101.jpg.chip.jpg": 3, "15_1_0_20170101.jpg.chip.jpg": 15,
+             "85_0_1_20170101.jpg.chip.jpg": 85, "045A45.JPG": 45, "007A07.JPG": 7}
+    assert {n: age_groups.true_age(n) for n in names} == {n: float(a) for n, a in names.items()}
+    assert age_groups.true_age("3_0_20170101.jpg.chip.jpg") is None  # UTKFace's malformed names
+    rows = [{"file": "x/3_0_0_20170101.jpg.chip.jpg", "face": 0, "box": [0, 0, 9, 9], "age": 9},
+            {"file": "x/15_1_0_20170101.jpg.chip.jpg", "face": 0, "box": [0, 0, 9, 9], "age": 27},
+            {"file": "x/85_0_1_20170101.jpg.chip.jpg", "face": 0, "box": [0, 0, 9, 9], "age": 95},
+            {"file": "x/045A45.JPG", "face": None, "box": None, "age": None,
+             "error": "no_face_found"},
+            {"file": "x/007A07.JPG", "face": 0, "box": [0, 0, 50, 50], "age": 25},
+            {"file": "x/007A07.JPG", "face": 1, "box": [0, 0, 5, 5], "age": 7}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    truth = {n: float(a) for n, a in names.items()}
+    s = age_groups.score(truth, age_groups.read_ages(path))
+    assert (s["images"], s["faces_found"]) == (5, 4)
+    assert s["exact"] == pytest.approx(2 / 5) and s["one_off"] == pytest.approx(3 / 5)
+    assert (s["exact_0_9"], s["n_0_9"]) == (0.5, 2)
+    majority = age_groups.majority(truth)  # group 0 holds two of five
+    assert majority["exact"] == pytest.approx(2 / 5) and majority["exact_0_9"] == 1.0
