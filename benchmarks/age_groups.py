@@ -21,6 +21,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from zero_shot import largest_face, read_rows
+
 from agecascade.data.adapters.fgnet import NAME as FGNET_NAME
 from agecascade.data.adapters.utkface import NAME as UTKFACE_NAME
 
@@ -41,17 +43,8 @@ def true_age(name: str) -> float | None:
 
 def read_ages(rows_file: Path) -> dict[str, float | None]:
     """File name -> the largest face's predicted age (None: no face, or an error)."""
-    best: dict[str, tuple[float, float | None]] = {}
-    for line in rows_file.read_text().splitlines():
-        row = json.loads(line)
-        name = Path(row["file"]).name
-        area = 0.0
-        if row.get("face") is not None and row.get("age") is not None:
-            x0, y0, x1, y1 = row["box"]
-            area = (x1 - x0) * (y1 - y0)
-        if name not in best or area > best[name][0]:
-            best[name] = (area, row.get("age") if area else None)
-    return {name: age for name, (_, age) in best.items()}
+    return {name: face["age"] if (face := largest_face(rows)) else None
+            for name, rows in read_rows(rows_file).items()}
 
 
 def score(truth: dict[str, float], predicted: dict[str, float | None]) -> dict:
