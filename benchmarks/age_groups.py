@@ -25,6 +25,7 @@ from zero_shot import largest_face, read_rows
 
 from agecascade.data.adapters.fgnet import NAME as FGNET_NAME
 from agecascade.data.adapters.utkface import NAME as UTKFACE_NAME
+from agecascade.errors import UserError
 
 GROUPS = 9  # decades, the last one open: 80+
 
@@ -116,4 +117,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # a rows file zero_shot.read_rows cannot read
+        raise SystemExit(f"error: {err}") from None
